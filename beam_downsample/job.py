@@ -1,0 +1,236 @@
+"""A downsampling job: plan every layer, create the arrays, run one Beam
+pipeline per pass, list the finished mags.
+
+One pipeline per pass is the barrier between passes: pass k+1 reads what
+pass k wrote, and after each pass its mags are complete on disk, so they are
+listed in the properties right away (a crash later loses nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import apache_beam as beam
+
+from beam_downsample import io, planning, reduce
+from beam_downsample.mags import Mag, factor_between, mag_name
+from beam_downsample.planning import Box, Pass, WorkUnit
+from beam_downsample.properties import Dataset, DatasetError, Layer, save_properties, with_new_mags
+from beam_downsample.transforms.downsample import DownsamplePass
+from beam_downsample.work import LevelConfig, PassConfig, is_done
+
+STATE_DIR = ".beam-downsample"
+WORKER_OVERHEAD_BYTES = 250 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    sampling_mode: str = "anisotropic"
+    layer_name: Optional[str] = None
+    coarsest_mag: Optional[Mag] = None
+    interpolation: Optional[str] = None
+    memory_budget: int = 2 << 30
+    jobs: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    layer: Layer
+    target_mags: tuple[Mag, ...]
+    passes: tuple[Pass, ...]
+    units: tuple[tuple[WorkUnit, ...], ...]  # per pass
+    configs: tuple[PassConfig, ...]  # per pass
+
+
+def unit_budget(options: JobOptions) -> int:
+    """Bytes one work unit may hold, so that all workers plus the launcher fit the budget."""
+    workers = max(options.jobs, 1)
+    return max((options.memory_budget - WORKER_OVERHEAD_BYTES * (workers + 1)) // workers, 32 << 20)
+
+
+def pass_dir_name(a_pass: Pass) -> str:
+    return mag_name(a_pass.source_mag) + "_to_" + "_".join(mag_name(m) for m in a_pass.target_mags)
+
+
+def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
+    """Plans every selected layer; raises DatasetError/PlanningError before touching anything."""
+    layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
+    for layer in layers:
+        io.check_format(layer)
+        io.check_source_array(layer, dataset.path, layer.source_mag)
+    align_with = set(dataset.all_mags())
+    plans = []
+    budget = unit_budget(options)
+    for layer in layers:
+        sampling_mode = "constant_z" if layer.bbox.shape[2] == 1 else options.sampling_mode
+        coarsest = options.coarsest_mag or planning.default_coarsest_mag(*layer.bbox.shape[:2])
+        try:
+            targets = planning.plan_mags(layer.source_mag, coarsest, sampling_mode, dataset.voxel_size, align_with)
+        except planning.PlanningError as error:
+            raise planning.PlanningError(f"layer {layer.name!r}: {error}") from None
+        align_with.update(targets)  # the reference plans layers one after another
+        interpolation = options.interpolation or reduce.DEFAULT_INTERPOLATION[layer.category]
+        bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
+        passes = planning.group_passes(layer.source_mag, targets, bytes_per_voxel, budget)
+        units, configs = [], []
+        for index, a_pass in enumerate(passes):
+            units.append(tuple(planning.plan_units(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)))
+            configs.append(_pass_config(dataset, layer, index, a_pass, interpolation))
+        plans.append(LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs)))
+    return plans
+
+
+def _pass_config(dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str) -> PassConfig:
+    if index == 0:
+        source_spec = io.existing_mag_spec(layer, dataset.path, a_pass.source_mag)
+    else:
+        source_spec = io.new_mag_spec(layer, dataset.path, a_pass.source_mag)
+        source_spec = {"driver": "zarr3", "kvstore": source_spec["kvstore"]}
+    levels = []
+    previous = a_pass.source_mag
+    for mag in a_pass.target_mags:
+        levels.append(
+            LevelConfig(
+                mag=mag,
+                factor=factor_between(previous, mag),
+                region=planning.region_in_mag(layer.bbox, mag),
+                spec={"driver": "zarr3", "kvstore": io.new_mag_spec(layer, dataset.path, mag)["kvstore"]},
+            )
+        )
+        previous = mag
+    return PassConfig(
+        layer=layer.name,
+        pass_index=index,
+        source_mag=a_pass.source_mag,
+        source_spec=source_spec,
+        source_region=planning.region_in_mag(layer.bbox, a_pass.source_mag),
+        channels=layer.num_channels,
+        interpolation=interpolation,
+        levels=tuple(levels),
+        marker_dir=os.path.join(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass)),
+    )
+
+
+def describe(plans: Sequence[LayerPlan]) -> str:
+    lines = []
+    for plan in plans:
+        if not plan.target_mags:
+            lines.append(f"{plan.layer.name}: nothing to do (already at the coarsest mag)")
+            continue
+        passes = "; ".join(
+            f"pass {i + 1}: {mag_name(p.source_mag)} -> {', '.join(mag_name(m) for m in p.target_mags)} "
+            f"in {len(units)} work units"
+            for i, (p, units) in enumerate(zip(plan.passes, plan.units))
+        )
+        lines.append(f"{plan.layer.name}: {passes}")
+    return "\n".join(lines)
+
+
+def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
+    """Creates every new mag array (and marker directories) before any worker starts.
+
+    An array left by an interrupted run of the same plan is kept (its done
+    units are skipped); anything else at a new mag's path is replaced.
+    """
+    for plan in plans:
+        for index, a_pass in enumerate(plan.passes):
+            config = plan.configs[index]
+            resuming = os.path.isdir(config.marker_dir)
+            os.makedirs(config.marker_dir, exist_ok=True)
+            for mag in a_pass.target_mags:
+                spec = io.new_mag_spec(plan.layer, dataset.path, mag)
+                if resuming:
+                    try:
+                        io.open_array(spec, open=True, create=True)
+                        continue
+                    except ValueError:
+                        pass  # different layout: start this mag over
+                    shutil.rmtree(config.marker_dir)
+                    os.makedirs(config.marker_dir)
+                io.open_array(spec, create=True, delete_existing=True)
+
+
+class Progress:
+    """Counts done-markers in the background: works for every runner on a shared disk."""
+
+    def __init__(self, configs: Sequence[PassConfig], total: int, label: str, report: Callable[[int, int, str], None]):
+        self._dirs = [c.marker_dir for c in configs]
+        self._total, self._label, self._report = total, label, report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def count(self) -> int:
+        return sum(len([n for n in os.listdir(d) if n.endswith(".done")]) for d in self._dirs if os.path.isdir(d))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._report(self.count(), self._total, self._label)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._report(self.count(), self._total, self._label)
+
+
+def run_job(
+    dataset: Dataset,
+    plans: Sequence[LayerPlan],
+    runner,
+    pipeline_options,
+    report: Callable[[int, int, str], None] = lambda done, total, label: None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata."""
+    raw = dataset.raw
+    metrics: dict = {}
+    pass_count = max((len(p.passes) for p in plans), default=0)
+    for index in range(pass_count):
+        active = [p for p in plans if index < len(p.passes)]
+        units = [u for p in active for u in p.units[index]]
+        configs = [p.configs[index] for p in active]
+        done = sum(is_done(c, u) for p, c in zip(active, configs) for u in p.units[index])
+        if done:
+            log(f"resuming: {done} of {len(units)} work units of pass {index + 1} already done")
+        label = f"pass {index + 1}/{pass_count}: " + ", ".join(
+            f"{p.layer.name} {','.join(mag_name(m) for m in p.passes[index].target_mags)}" for p in active
+        )
+        with Progress(configs, len(units), label, report):
+            pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
+            _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(units, configs)
+            result = pipeline.run()
+            result.wait_until_finish()
+        _collect_metrics(result, metrics)
+        missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
+        if missing:
+            raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
+        for plan in active:
+            new_mags = list(plan.passes[index].target_mags)
+            raw = with_new_mags(raw, plan.layer.name, new_mags)
+            listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
+                            key=lambda m: (max(m), m))
+            io.update_ngff(
+                os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
+            )
+        save_properties(dataset.path, raw)
+    shutil.rmtree(os.path.join(dataset.path, STATE_DIR), ignore_errors=True)
+    return metrics
+
+
+def _collect_metrics(result, metrics: dict) -> None:
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners report no metrics
+        return
+    for counter in counters:
+        name = counter.key.metric.name
+        metrics[name] = metrics.get(name, 0) + (counter.committed or counter.attempted or 0)

@@ -1,0 +1,199 @@
+"""`beam-downsample TARGET [options] [Beam pipeline flags]`.
+
+absl flags for our options; whatever is left must be a Beam pipeline flag
+(checked, because Beam ignores typos) and goes to PipelineOptions. Usage
+errors print one line and exit with status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Sequence
+
+from absl import flags
+
+from beam_downsample import job, reduce
+from beam_downsample.launch import runners
+from beam_downsample.mags import MagError, parse_mag
+from beam_downsample.planning import SAMPLING_MODES, PlanningError
+from beam_downsample.properties import DatasetError, load_dataset
+
+FLAGS = flags.FlagValues()
+
+flags.DEFINE_enum(
+    "sampling-mode", "anisotropic", SAMPLING_MODES,
+    "How each step grows the mag: anisotropic follows the voxel size, isotropic doubles every axis, "
+    "constant_z keeps z.", flag_values=FLAGS)
+flags.DEFINE_string("layer-name", None, "Only downsample this layer (default: all layers).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "coarsest-mag", None,
+    "Stop at this mag: one power of two (8) or x-y-z (16-16-8). Default: "
+    "max(2**ceil(log2(max(width, height) / 100)), 4).", flag_values=FLAGS)
+flags.DEFINE_integer("jobs", None, "Parallel workers (default: number of CPU cores).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "distribution-strategy", "multiprocessing",
+    "multiprocessing (Beam FnApiRunner, --jobs worker processes), sequential (one process), "
+    "slurm, kubernetes (not yet supported).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "job-resources", None,
+    "Cluster job resources as JSON ('{\"mem\": \"10M\"}') or key=value,key=value; "
+    "slurm/kubernetes only.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "interpolation", None, reduce.INTERPOLATIONS,
+    "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "memory-budget", "2G",
+    "Memory for the whole process tree (e.g. 2G, 1500M); sizes the work units.", flag_values=FLAGS)
+flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
+
+USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
+
+Downsamples a WEBKNOSSOS dataset (zarr3) into a mag pyramid, voxel-identical to
+`webknossos downsample`, as an Apache Beam pipeline.
+"""
+
+
+class _Usage(Exception):
+    pass
+
+
+def _fail(message: str) -> int:
+    print(f"beam-downsample: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise runners.UsageError(f"--memory-budget: {text!r} is not a size like 2G or 1500M")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
+    value = int(float(match.group(1)) * scale)
+    if value < 256 << 20:
+        raise runners.UsageError(f"--memory-budget: {text!r} is too small (at least 256M)")
+    return value
+
+
+def _flag_value(name: str):
+    return FLAGS[name].value
+
+
+def _print_help() -> None:
+    print(USAGE)
+    print("options:")
+    for flag in sorted(FLAGS.get_key_flags_for_module(__name__), key=lambda f: f.name):
+        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+        print(f"  --{flag.name}: {flag.help}{default}")
+    print("  -h, --help: show this help and exit")
+    print("\nAny other --flag must be an Apache Beam pipeline option (passed through to PipelineOptions).")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
+        _print_help()
+        return 0
+    try:
+        FLAGS.unparse_flags()
+        rest = FLAGS(argv, known_only=True)
+    except flags.Error as error:
+        return _fail(str(error).splitlines()[0])
+    positional = [a for a in rest[1:] if not a.startswith("-")]
+    beam_flags = [a for a in rest[1:] if a.startswith("-")]
+    # Beam flags given as "--flag value" leave the value positional: give it back.
+    target_candidates = []
+    for arg in positional:
+        index = rest.index(arg)
+        previous = rest[index - 1] if index > 1 else ""
+        if previous.startswith("--") and "=" not in previous and previous in beam_flags:
+            beam_flags.insert(beam_flags.index(previous) + 1, arg)
+        else:
+            target_candidates.append(arg)
+    try:
+        if not target_candidates:
+            raise runners.UsageError("missing TARGET (the dataset directory); see --help")
+        if len(target_candidates) > 1:
+            raise runners.UsageError(f"expected one TARGET, got {len(target_candidates)}: {' '.join(target_candidates)}")
+        target = target_candidates[0]
+        strategy = _flag_value("distribution-strategy")
+        if strategy not in runners.STRATEGIES:
+            raise runners.UsageError(
+                f"--distribution-strategy: unknown strategy {strategy!r}; choose one of {', '.join(runners.STRATEGIES)}"
+            )
+        jobs = _flag_value("jobs")
+        if jobs is not None and jobs < 1:
+            raise runners.UsageError(f"--jobs must be at least 1, got {jobs}")
+        if jobs is not None and strategy == "sequential":
+            raise runners.UsageError("--jobs cannot be used with --distribution-strategy sequential")
+        resources_text = _flag_value("job-resources")
+        if resources_text is not None:
+            if strategy in ("multiprocessing", "sequential"):
+                raise runners.UsageError(
+                    f"--job-resources is only for slurm/kubernetes, not --distribution-strategy {strategy}"
+                )
+            runners.parse_job_resources(resources_text)
+        elif strategy in runners.NOT_YET:
+            raise runners.UsageError(f"--job-resources is required with --distribution-strategy {strategy}")
+        coarsest = None
+        if _flag_value("coarsest-mag") is not None:
+            try:
+                coarsest = parse_mag(_flag_value("coarsest-mag"))
+            except MagError as error:
+                raise runners.UsageError(f"--coarsest-mag: {error}") from None
+        runners.check_beam_flags(beam_flags)
+        jobs = 1 if strategy == "sequential" else (jobs or runners.default_jobs())
+        options = job.JobOptions(
+            sampling_mode=_flag_value("sampling-mode"),
+            layer_name=_flag_value("layer-name"),
+            coarsest_mag=coarsest,
+            interpolation=_flag_value("interpolation"),
+            memory_budget=_parse_size(_flag_value("memory-budget")),
+            jobs=jobs,
+        )
+        runner, pipeline_options = runners.pipeline_setup(strategy, jobs, beam_flags)
+        dataset = load_dataset(target)
+        plans = job.plan_job(dataset, options)
+    except (runners.UsageError, DatasetError, PlanningError) as error:
+        return _fail(str(error))
+    print(job.describe(plans))
+    if _flag_value("dry-run") or not any(p.target_mags for p in plans):
+        return 0
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    job.create_targets(dataset, plans)
+    with _ProgressBar() as bar:
+        metrics = job.run_job(dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write)
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
+    print(f"done: {summary}" if summary else "done")
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar on a terminal, silent otherwise."""
+
+    def __enter__(self):
+        self._bar = None
+        self._label = None
+        return self
+
+    def update(self, done: int, total: int, label: str) -> None:
+        from tqdm import tqdm
+
+        if label != self._label:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=total, desc=label, unit="unit", disable=None, file=sys.stderr)
+            self._label = label
+        self._bar.n = done
+        self._bar.refresh()
+
+    def write(self, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Distribution strategies as Beam runners and pipeline options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+STRATEGIES = ("multiprocessing", "sequential", "slurm", "kubernetes")
+NOT_YET = {"slurm", "kubernetes"}
+
+
+class UsageError(ValueError):
+    """A command-line problem: one line naming the option, exit status 2."""
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def parse_job_resources(text: str) -> dict:
+    """JSON (`{"mem": "10M"}`) or `key=value,key=value`, as the reference accepts."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--job-resources: not valid JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise UsageError("--job-resources: expected a JSON object")
+        return value
+    resources = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--job-resources: {item!r} is neither JSON nor key=value")
+        resources[key.strip()] = value.strip()
+    if not resources:
+        raise UsageError("--job-resources: empty")
+    return resources
+
+
+def _beam_option_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+
+    def visit(cls: type) -> None:
+        for sub in cls.__subclasses__():
+            try:
+                sub._add_argparse_args(parser)  # pylint: disable=protected-access
+            except argparse.ArgumentError:
+                pass  # an option two subclasses both declare
+            visit(sub)
+
+    visit(PipelineOptions)
+    return parser
+
+
+def check_beam_flags(flags: Sequence[str]) -> None:
+    """Beam ignores misspelt flags silently; we refuse anything Beam does not know."""
+    if not flags:
+        return
+    _, unknown = _beam_option_parser().parse_known_args(list(flags))
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} (neither beam-downsample's nor Beam's; see --help)")
+
+
+def pipeline_setup(strategy: str, jobs: int, beam_flags: Sequence[str]):
+    """(runner, PipelineOptions) for a strategy; `--runner=...` in beam_flags wins."""
+    if strategy in NOT_YET:
+        raise UsageError(f"--distribution-strategy {strategy} is not yet supported (use multiprocessing or sequential)")
+    options = PipelineOptions(list(beam_flags))
+    user_runner = options.get_all_options().get("runner")
+    if user_runner:
+        return user_runner, options
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    direct = options.get_all_options()
+    overrides = {}
+    if strategy == "sequential":
+        overrides = {"direct_running_mode": "in_memory", "direct_num_workers": 1}
+    else:
+        overrides = {
+            "direct_running_mode": direct.get("direct_running_mode") or "multi_processing",
+            "direct_num_workers": jobs,
+        }
+        if direct.get("direct_running_mode") in (None, "in_memory"):
+            overrides["direct_running_mode"] = "multi_processing"
+    options = PipelineOptions(list(beam_flags), **overrides)
+    return FnApiRunner(), options

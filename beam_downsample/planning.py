@@ -1,0 +1,271 @@
+"""Which mags to make (contract section 2) and which work units make them.
+
+Pure functions, no I/O and no Beam: the launcher feeds them the dataset's
+properties and hands their output to the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Sequence
+
+from beam_downsample.mags import Mag, factor_between, mag_name
+
+SAMPLING_MODES = ("anisotropic", "isotropic", "constant_z")
+
+
+class PlanningError(ValueError):
+    """The requested pyramid cannot be made (e.g. the coarsest mag is unreachable)."""
+
+
+def default_coarsest_mag(width: int, height: int) -> Mag:
+    """`max(2 ** ceil(log2(max(width, height) / 100)), 4)` on every axis; depth is ignored."""
+    largest = max(width, height)
+    exponent = math.ceil(math.log2(largest / 100)) if largest > 0 else 0
+    value = max(2 ** max(exponent, 0), 4)
+    return (value, value, value)
+
+
+def _anisotropic_step(current: Mag, voxel_size: Sequence[float]) -> Mag:
+    size = [m * v for m, v in zip(current, voxel_size)]
+    smallest = min(size)
+    only_finest = tuple(m * 2 if s == smallest else m for m, s in zip(current, size))
+    all_doubled = tuple(m * 2 for m in current)
+
+    def anisotropy(mag: Sequence[int]) -> float:
+        sizes = [m * v for m, v in zip(mag, voxel_size)]
+        return max(sizes) / min(sizes)
+
+    if anisotropy(all_doubled) < anisotropy(only_finest):
+        return all_doubled  # type: ignore[return-value]
+    return only_finest  # type: ignore[return-value]
+
+
+def plan_mags(
+    source_mag: Mag,
+    coarsest_mag: Mag,
+    sampling_mode: str,
+    voxel_size: Sequence[float],
+    mags_to_align_with: Iterable[Mag] = (),
+) -> list[Mag]:
+    """The mags to write, finest first, each computed from the one before.
+
+    `mags_to_align_with` are the mags any layer of the dataset already has;
+    one whose largest component is twice the current one is always the next
+    step, so that layers share mags.
+    """
+    if sampling_mode not in SAMPLING_MODES:
+        raise PlanningError(f"unknown sampling mode {sampling_mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+    if sampling_mode == "constant_z":
+        coarsest_mag = (coarsest_mag[0], coarsest_mag[1], source_mag[2])
+    if any(s > c for s, c in zip(source_mag, coarsest_mag)):
+        raise PlanningError(
+            f"the coarsest mag {mag_name(coarsest_mag)} is finer than the source mag {mag_name(source_mag)} on some axis"
+        )
+    align_by_max = {}
+    for mag in sorted(set(mags_to_align_with)):
+        align_by_max.setdefault(max(mag), mag)
+
+    planned: list[Mag] = []
+    current = source_mag
+    while max(current) < max(coarsest_mag):
+        aligned = align_by_max.get(2 * max(current))
+        if aligned is not None:
+            step = aligned
+        else:
+            if sampling_mode == "anisotropic":
+                candidate = _anisotropic_step(current, voxel_size)
+            else:
+                candidate = tuple(m * 2 for m in current)
+            step = tuple(min(c, limit) for c, limit in zip(candidate, coarsest_mag))  # type: ignore[assignment]
+        if step == current:
+            raise PlanningError(
+                f"no progress: the coarsest mag {mag_name(coarsest_mag)} cannot be reached from "
+                f"{mag_name(current)} with voxel size {tuple(voxel_size)} in {sampling_mode} mode"
+            )
+        # Anisotropic steps that only catch up the finest axes are passed
+        # through unwritten; the other modes write every step they take.
+        if max(step) > max(current) or sampling_mode != "anisotropic":
+            planned.append(step)
+        current = step
+    largest = [max(mag) for mag in planned]
+    if len(set(largest)) != len(largest):
+        raise PlanningError(
+            "the plan " + ", ".join(mag_name(m) for m in planned) + " has several mags with the same largest "
+            "component, which WEBKNOSSOS does not support; choose another --coarsest-mag or --sampling-mode"
+        )
+    return planned
+
+
+# ---------------------------------------------------------------------------
+# Work units
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """Half-open box `[start, stop)` in x, y, z voxels of some mag."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(max(b - a, 0) for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def empty(self) -> bool:
+        return any(s <= 0 for s in self.shape)
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+    def intersect(self, other: "Box") -> "Box":
+        return Box(
+            tuple(max(a, b) for a, b in zip(self.start, other.start)),  # type: ignore[arg-type]
+            tuple(min(a, b) for a, b in zip(self.stop, other.stop)),  # type: ignore[arg-type]
+        )
+
+    def scaled_down(self, factor: Sequence[int]) -> "Box":
+        """This box in a grid `factor` times coarser, rounded outward."""
+        return Box(
+            tuple(a // f for a, f in zip(self.start, factor)),  # type: ignore[arg-type]
+            tuple(-(-b // f) for b, f in zip(self.stop, factor)),  # type: ignore[arg-type]
+        )
+
+    def scaled_up(self, factor: Sequence[int]) -> "Box":
+        return Box(
+            tuple(a * f for a, f in zip(self.start, factor)),  # type: ignore[arg-type]
+            tuple(b * f for b, f in zip(self.stop, factor)),  # type: ignore[arg-type]
+        )
+
+
+def region_in_mag(bbox_mag1: Box, mag: Mag) -> Box:
+    """The layer's bounding box aligned outward to `mag`, in `mag` voxels."""
+    return bbox_mag1.scaled_down(mag)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """Consecutive target mags made from one read of `source_mag`."""
+
+    source_mag: Mag
+    target_mags: tuple[Mag, ...]
+
+    @property
+    def coarsest(self) -> Mag:
+        return self.target_mags[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkUnit:
+    """One box of one pass of one layer: read once, reduce, write every level.
+
+    `box` is in source-mag voxels and aligned to whole 32^3 chunks of the
+    pass's coarsest mag, so no two units write the same chunk at any level.
+    """
+
+    layer: str
+    pass_index: int
+    box: Box
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}/pass{self.pass_index}/" + "_".join(
+            f"{a}-{b}" for a, b in zip(self.box.start, self.box.stop)
+        )
+
+
+CHUNK = 32
+SHARD = 1024
+
+
+def group_passes(
+    source_mag: Mag,
+    target_mags: Sequence[Mag],
+    bytes_per_voxel: int,
+    unit_budget_bytes: int,
+    max_levels_per_pass: int = 8,
+) -> list[Pass]:
+    """Splits the chain of target mags into passes that fit the memory budget.
+
+    A pass of levels up to mag M needs units of at least one 32^3 chunk of M,
+    i.e. 32 * M / source voxels per axis, held with about 2.5x overhead for
+    the kernels' temporaries.
+    """
+    passes: list[Pass] = []
+    current_source = source_mag
+    levels: list[Mag] = []
+    for target in target_mags:
+        factor = factor_between(current_source, target)
+        unit_bytes = math.prod(CHUNK * f for f in factor) * bytes_per_voxel * 2.5
+        if levels and (unit_bytes > unit_budget_bytes or len(levels) >= max_levels_per_pass):
+            passes.append(Pass(current_source, tuple(levels)))
+            current_source = levels[-1]
+            levels = []
+        levels.append(target)
+    if levels:
+        passes.append(Pass(current_source, tuple(levels)))
+    return passes
+
+
+def unit_shape(
+    a_pass: Pass,
+    bytes_per_voxel: int,
+    unit_budget_bytes: int,
+    region_shape: Sequence[int],
+) -> tuple[int, int, int]:
+    """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
+
+    Units never exceed one shard of the pass's first target mag, so one unit
+    writes each level with one call into one shard.
+    """
+    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
+    first = factor_between(a_pass.source_mag, a_pass.target_mags[0])
+    shape = [CHUNK * f for f in factor]
+    limit = [SHARD * f for f in first]
+    # Never grow past what the region needs (rounded up to the alignment).
+    needed = [max(-(-r // s) * s, s) for r, s in zip(region_shape, shape)]
+    grown = True
+    while grown:
+        grown = False
+        for axis in sorted(range(3), key=lambda a: shape[a]):
+            candidate = list(shape)
+            candidate[axis] *= 2
+            if (
+                shape[axis] < needed[axis]
+                and candidate[axis] <= limit[axis]
+                and math.prod(candidate) * bytes_per_voxel * 2.5 <= unit_budget_bytes
+            ):
+                shape = candidate
+                grown = True
+                break
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def plan_units(
+    layer: str,
+    pass_index: int,
+    a_pass: Pass,
+    bbox_mag1: Box,
+    bytes_per_voxel: int,
+    unit_budget_bytes: int,
+) -> list[WorkUnit]:
+    """Tiles the source region the pass needs into aligned, disjoint units."""
+    coarsest_region = region_in_mag(bbox_mag1, a_pass.coarsest)
+    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
+    needed = coarsest_region.scaled_up(factor)  # in source-mag voxels
+    shape = unit_shape(a_pass, bytes_per_voxel, unit_budget_bytes, needed.shape)
+    first_index = [a // s for a, s in zip(needed.start, shape)]
+    last_index = [-(-b // s) for b, s in zip(needed.stop, shape)]
+    units = []
+    for ix in range(first_index[0], last_index[0]):
+        for iy in range(first_index[1], last_index[1]):
+            for iz in range(first_index[2], last_index[2]):
+                start = (ix * shape[0], iy * shape[1], iz * shape[2])
+                stop = tuple(a + s for a, s in zip(start, shape))
+                box = Box(start, stop).intersect(needed)  # type: ignore[arg-type]
+                if not box.empty:
+                    units.append(WorkUnit(layer, pass_index, box))
+    return units

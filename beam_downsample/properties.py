@@ -1,0 +1,208 @@
+"""The dataset model: `datasource-properties.json` read, checked and rewritten.
+
+The raw JSON is kept as loaded so that keys we do not know survive a rewrite;
+the typed views below only read from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from beam_downsample.mags import Mag, MagError, mag_name, parse_mag, sort_mags
+from beam_downsample.planning import Box
+
+PROPERTIES_FILE = "datasource-properties.json"
+
+# elementClass -> (dtype of one channel, channels per element)
+ELEMENT_CLASSES: dict[str, tuple[str, int]] = {
+    "uint8": ("uint8", 1),
+    "uint16": ("uint16", 1),
+    "uint32": ("uint32", 1),
+    "uint64": ("uint64", 1),
+    "int8": ("int8", 1),
+    "int16": ("int16", 1),
+    "int32": ("int32", 1),
+    "int64": ("int64", 1),
+    "float": ("float32", 1),
+    "double": ("float64", 1),
+    "uint24": ("uint8", 3),
+}
+
+AXIS_ORDER = {"c": 0, "x": 1, "y": 2, "z": 3}
+
+
+class DatasetError(ValueError):
+    """The dataset on disk is not one we can downsample; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    name: str
+    category: str
+    bbox: Box  # in mag-1 voxels
+    dtype: np.dtype
+    num_channels: int
+    data_format: str
+    mags: dict[Mag, str]  # mag -> path as written in the properties
+
+    @property
+    def source_mag(self) -> Mag:
+        """The existing mag with the largest component: downsampling continues there."""
+        return sort_mags(self.mags)[-1]
+
+    def mag_path(self, dataset_path: str, mag: Mag) -> str:
+        return resolve_path(dataset_path, self.mags[mag])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    path: str
+    raw: dict
+    voxel_size: tuple[float, float, float]
+    unit: str
+    layers: tuple[Layer, ...]
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise DatasetError(
+            f"--layer-name: no layer named {name!r}; the layers are: " + ", ".join(l.name for l in self.layers)
+        )
+
+    def all_mags(self) -> set[Mag]:
+        return {mag for layer in self.layers for mag in layer.mags}
+
+
+def resolve_path(dataset_path: str, mag_path: str) -> str:
+    if "://" in mag_path or os.path.isabs(mag_path):
+        return mag_path
+    return os.path.normpath(os.path.join(dataset_path, mag_path))
+
+
+def _require(mapping: dict, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise DatasetError(f"{PROPERTIES_FILE}: {where} has no {key!r}")
+    return mapping[key]
+
+
+def _parse_layer(raw: dict, index: int) -> Layer:
+    where = f"dataLayers[{index}]"
+    name = _require(raw, "name", where)
+    where = f"layer {name!r}"
+    category = _require(raw, "category", where)
+    if category not in ("color", "segmentation"):
+        raise DatasetError(f"{PROPERTIES_FILE}: {where} has unknown category {category!r}")
+    element_class = _require(raw, "elementClass", where)
+    if element_class not in ELEMENT_CLASSES:
+        raise DatasetError(f"{PROPERTIES_FILE}: {where} has unknown elementClass {element_class!r}")
+    dtype_name, channels_per_element = ELEMENT_CLASSES[element_class]
+    num_channels = int(raw.get("numChannels", 1)) * channels_per_element
+    bbox_raw = _require(raw, "boundingBox", where)
+    try:
+        top_left = [int(v) for v in bbox_raw["topLeft"]]
+        size = [int(bbox_raw["width"]), int(bbox_raw["height"]), int(bbox_raw["depth"])]
+        assert len(top_left) == 3
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise DatasetError(f"{PROPERTIES_FILE}: {where} has a malformed boundingBox") from None
+    bbox = Box(tuple(top_left), tuple(a + s for a, s in zip(top_left, size)))  # type: ignore[arg-type]
+    mags: dict[Mag, str] = {}
+    for entry in _require(raw, "mags", where) or []:
+        try:
+            mag = parse_mag(entry["mag"])
+        except (KeyError, TypeError, MagError) as error:
+            raise DatasetError(f"{PROPERTIES_FILE}: {where} lists a malformed mag: {error}") from None
+        mags[mag] = entry.get("path") or f"./{name}/{mag_name(mag)}"
+    if not mags:
+        raise DatasetError(f"{PROPERTIES_FILE}: {where} has no mags to downsample from")
+    return Layer(
+        name=name,
+        category=category,
+        bbox=bbox,
+        dtype=np.dtype(dtype_name),
+        num_channels=num_channels,
+        data_format=raw.get("dataFormat", "wkw"),
+        mags=mags,
+    )
+
+
+def load_dataset(path: str) -> Dataset:
+    """Reads and checks the properties; every problem is one `DatasetError` line."""
+    if not os.path.exists(path):
+        raise DatasetError(f"TARGET {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise DatasetError(f"TARGET {path!r} is not a directory (expected a WEBKNOSSOS dataset)")
+    properties_path = os.path.join(path, PROPERTIES_FILE)
+    if not os.path.isfile(properties_path):
+        raise DatasetError(f"TARGET {path!r} has no {PROPERTIES_FILE}; is it a WEBKNOSSOS dataset?")
+    try:
+        with open(properties_path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{properties_path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{properties_path} must hold a JSON object")
+    scale = _require(raw, "scale", "the top level")
+    factor = scale.get("factor") if isinstance(scale, dict) else scale
+    unit = scale.get("unit", "nanometer") if isinstance(scale, dict) else "nanometer"
+    try:
+        voxel_size = tuple(float(v) for v in factor)
+        assert len(voxel_size) == 3 and all(v > 0 for v in voxel_size)
+    except (TypeError, ValueError, AssertionError):
+        raise DatasetError(f"{PROPERTIES_FILE}: scale must be three positive numbers, got {factor!r}") from None
+    layers_raw = _require(raw, "dataLayers", "the top level")
+    if not isinstance(layers_raw, list):
+        raise DatasetError(f"{PROPERTIES_FILE}: dataLayers must be a list")
+    layers = tuple(_parse_layer(layer, i) for i, layer in enumerate(layers_raw))
+    return Dataset(path=path, raw=raw, voxel_size=voxel_size, unit=unit, layers=layers)  # type: ignore[arg-type]
+
+
+def with_new_mags(raw: dict, layer_name: str, mags: list[Mag]) -> dict:
+    """A copy of the properties with `mags` appended to the layer (finest first)."""
+    updated = json.loads(json.dumps(raw))
+    for layer in updated["dataLayers"]:
+        if layer["name"] != layer_name:
+            continue
+        listed = {parse_mag(entry["mag"]) for entry in layer["mags"]}
+        for mag in mags:
+            if mag not in listed:
+                layer["mags"].append(
+                    {"mag": list(mag), "path": f"./{layer_name}/{mag_name(mag)}", "axisOrder": dict(AXIS_ORDER)}
+                )
+        layer["mags"].sort(key=lambda entry: (max(parse_mag(entry["mag"])), parse_mag(entry["mag"])))
+    return updated
+
+
+def write_json_atomically(path: str, content: dict, indent: int | None = 4) -> None:
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(content, out, indent=indent)
+            out.flush()
+            os.fsync(out.fileno())
+        if os.path.exists(path):
+            os.chmod(temp_path, os.stat(path).st_mode & 0o777)
+        else:
+            os.chmod(temp_path, 0o644)
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.unlink(temp_path)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_properties(dataset_path: str, raw: dict) -> None:
+    write_json_atomically(os.path.join(dataset_path, PROPERTIES_FILE), raw)

@@ -1,0 +1,68 @@
+"""Beam side of a pass: unit keys -> Reshuffle -> DownsampleUnitFn."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_downsample import io, work
+from beam_downsample.planning import WorkUnit
+
+
+class DownsampleUnitFn(beam.DoFn):
+    """Runs `work.run_unit` for each unit; arrays are opened once per worker in setup().
+
+    Idempotent: a unit whose done-marker exists is skipped, and a retried or
+    duplicated unit writes the very same bytes before marking itself done.
+    """
+
+    def __init__(self, configs: Sequence[work.PassConfig]):
+        self._configs = {(c.layer, c.pass_index): c for c in configs}
+
+    def setup(self) -> None:
+        self._context = io.context_spec()
+        import tensorstore as ts
+
+        context = ts.Context(self._context)
+        self._arrays = {}
+        for key, config in self._configs.items():
+            source = io.open_array(config.source_spec, context, open=True)
+            targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+            self._arrays[key] = (source, targets)
+        self._units = Metrics.counter("beam_downsample", "work_units")
+        self._skipped = Metrics.counter("beam_downsample", "work_units_already_done")
+        self._read = Metrics.counter("beam_downsample", "voxels_read")
+        self._written = Metrics.counter("beam_downsample", "voxels_written")
+
+    def process(self, unit: WorkUnit) -> Iterable[str]:
+        config = self._configs[(unit.layer, unit.pass_index)]
+        if work.is_done(config, unit):
+            self._skipped.inc()
+            yield unit.key
+            return
+        source, targets = self._arrays[(unit.layer, unit.pass_index)]
+        stats = work.run_unit(config, unit, source, targets)
+        work.mark_done(config, unit)
+        self._units.inc()
+        self._read.inc(stats.voxels_read)
+        self._written.inc(stats.voxels_written)
+        yield unit.key
+
+
+class DownsamplePass(beam.PTransform):
+    """All work units of one pass (any number of layers), spread over workers."""
+
+    def __init__(self, units: Sequence[WorkUnit], configs: Sequence[work.PassConfig]):
+        super().__init__()
+        self._units = list(units)
+        self._configs = list(configs)
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Units" >> beam.Create(self._units, reshuffle=False)
+            | "Spread" >> beam.Reshuffle()
+            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs))
+        )
