@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["beam_downsample", "beam_downsample.*"]),
+    package_data={"beam_downsample": ["data/*.gz", "data/*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "apache-beam>=2.60",
@@ -15,9 +16,10 @@ setup(
         "google-cloud-storage>=2.10",
         "absl-py>=1.4",
         "tqdm>=4.60",
+        "crackle-codec>=0.30",
     ],
     extras_require={
-        "test": ["pytest>=7", "crackle-codec>=0.30", "psutil>=5.9"],
+        "test": ["pytest>=7", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
 )
