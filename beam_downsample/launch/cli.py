@@ -14,6 +14,11 @@ from typing import Sequence
 
 from absl import flags
 
+from beam_downsample.launch.worker import configure_quiet_logging
+
+configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
+
+# pylint: disable=wrong-import-position
 from beam_downsample import job, reduce
 from beam_downsample.launch import runners
 from beam_downsample.mags import MagError, parse_mag

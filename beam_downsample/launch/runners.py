@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 from typing import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -78,18 +80,16 @@ def pipeline_setup(strategy: str, jobs: int, beam_flags: Sequence[str]):
     user_runner = options.get_all_options().get("runner")
     if user_runner:
         return user_runner, options
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=import-outside-toplevel
 
-    direct = options.get_all_options()
-    overrides = {}
     if strategy == "sequential":
-        overrides = {"direct_running_mode": "in_memory", "direct_num_workers": 1}
-    else:
-        overrides = {
-            "direct_running_mode": direct.get("direct_running_mode") or "multi_processing",
-            "direct_num_workers": jobs,
-        }
-        if direct.get("direct_running_mode") in (None, "in_memory"):
-            overrides["direct_running_mode"] = "multi_processing"
-    options = PipelineOptions(list(beam_flags), **overrides)
-    return FnApiRunner(), options
+        return FnApiRunner(), PipelineOptions(list(beam_flags), direct_num_workers=1)
+    # Our own worker command (quiet logs) instead of direct_running_mode=multi_processing,
+    # which would replace it with Beam's default one.
+    from apache_beam.transforms import environments  # pylint: disable=import-outside-toplevel
+
+    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
+    worker = environments.SubprocessSDKEnvironment.from_command_string(
+        f"{sys.executable} -m beam_downsample.launch.worker"
+    )
+    return FnApiRunner(default_environment=worker), PipelineOptions(list(beam_flags), direct_num_workers=jobs)

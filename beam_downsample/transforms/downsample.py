@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import apache_beam as beam
+import tensorstore as ts
 from apache_beam.metrics import Metrics
 
 from beam_downsample import io, work
@@ -22,10 +23,7 @@ class DownsampleUnitFn(beam.DoFn):
         self._configs = {(c.layer, c.pass_index): c for c in configs}
 
     def setup(self) -> None:
-        self._context = io.context_spec()
-        import tensorstore as ts
-
-        context = ts.Context(self._context)
+        context = ts.Context(io.context_spec())
         self._arrays = {}
         for key, config in self._configs.items():
             source = io.open_array(config.source_spec, context, open=True)

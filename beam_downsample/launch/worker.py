@@ -1,0 +1,35 @@
+"""Beam SDK worker process for the multiprocessing strategy, with quiet logs.
+
+Beam's own worker bootstraps its root logger at INFO and prints a dozen
+start-up lines per process; our handler lets only warnings and errors
+through, minus the harmless ones every worker emits.
+"""
+
+import logging
+import sys
+
+_HARMLESS = ("No semi_persistent_directory found", "apitools not found")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _HARMLESS)
+
+
+def configure_quiet_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_DropHarmless())
+    handler.setFormatter(logging.Formatter("worker %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def main() -> None:
+    configure_quiet_logging()
+    from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=import-outside-toplevel
+
+    sdk_worker_main.main(sys.argv)
+
+
+if __name__ == "__main__":
+    main()
