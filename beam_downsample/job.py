@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import apache_beam as beam
 
 from beam_downsample import io, planning, reduce
+from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Box, Pass, WorkUnit
 from beam_downsample.properties import Dataset, DatasetError, Layer, save_properties, with_new_mags
@@ -48,10 +49,16 @@ class LayerPlan:
     configs: tuple[PassConfig, ...]  # per pass
 
 
-def unit_budget(options: JobOptions) -> int:
-    """Bytes one work unit may hold, so that all workers plus the launcher fit the budget."""
+def unit_budget(options: JobOptions) -> planning.UnitBudget:
+    """What one work unit may hold, so that all workers plus the launcher fit the budget.
+
+    Each worker reduces tiles on its share of the cores plus one thread, so
+    that reading one tile overlaps reducing another.
+    """
     workers = max(options.jobs, 1)
-    return max((options.memory_budget - WORKER_OVERHEAD_BYTES * (workers + 1)) // workers, 32 << 20)
+    per_worker = max((options.memory_budget - WORKER_OVERHEAD_BYTES * (workers + 1)) // workers, 32 << 20)
+    threads = max(available_cores() // workers, 1) + 1
+    return planning.UnitBudget(bytes=per_worker, threads=threads)
 
 
 def pass_dir_name(a_pass: Pass) -> str:
@@ -81,12 +88,14 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         units, configs = [], []
         for index, a_pass in enumerate(passes):
             units.append(tuple(planning.plan_units(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)))
-            configs.append(_pass_config(dataset, layer, index, a_pass, interpolation))
+            configs.append(_pass_config(dataset, layer, index, a_pass, interpolation, budget))
         plans.append(LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs)))
     return plans
 
 
-def _pass_config(dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str) -> PassConfig:
+def _pass_config(
+    dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str, budget: planning.UnitBudget
+) -> PassConfig:
     if index == 0:
         source_spec = io.existing_mag_spec(layer, dataset.path, a_pass.source_mag)
     else:
@@ -114,6 +123,9 @@ def _pass_config(dataset: Dataset, layer: Layer, index: int, a_pass: Pass, inter
         interpolation=interpolation,
         levels=tuple(levels),
         marker_dir=os.path.join(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass)),
+        tile_alignment=planning.tile_alignment(a_pass),
+        threads=budget.threads,
+        tile_voxels=budget.tile_voxels,
     )
 
 

@@ -141,6 +141,24 @@ class Box:
         )
 
 
+def split_box(box: Box, align: Sequence[int], max_voxels: int) -> list[Box]:
+    """Splits `box` into tiles on the `align` grid, halving the longest split
+    axis (z first, then y, then x) until a tile holds at most `max_voxels`."""
+    shape = list(box.shape)
+    for axis in (2, 1, 0):
+        while math.prod(shape) > max_voxels and shape[axis] > align[axis]:
+            shape[axis] = max(align[axis], (shape[axis] // 2) // align[axis] * align[axis])
+    tiles = []
+    starts = [range((a // s) * s, b, s) for a, b, s in zip(box.start, box.stop, shape)]
+    for x in starts[0]:
+        for y in starts[1]:
+            for z in starts[2]:
+                tile = Box((x, y, z), (x + shape[0], y + shape[1], z + shape[2])).intersect(box)
+                if not tile.empty:
+                    tiles.append(tile)
+    return tiles
+
+
 def region_in_mag(bbox_mag1: Box, mag: Mag) -> Box:
     """The layer's bounding box aligned outward to `mag`, in `mag` voxels."""
     return bbox_mag1.scaled_down(mag)
@@ -181,26 +199,46 @@ CHUNK = 32
 SHARD = 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitBudget:
+    """What one worker may spend on one unit."""
+
+    bytes: int
+    threads: int = 1  # tiles reduced at once inside a unit
+    tile_voxels: int = 16 << 20
+
+    # A tile in flight holds its data plus the kernels' temporaries.
+    TILE_OVERHEAD = 3
+
+    def unit_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> float:
+        """Peak bytes of a unit of `shape` source voxels: level buffers plus tiles in flight."""
+        voxels = math.prod(shape)
+        buffers = sum(voxels / math.prod(factor_between(a_pass.source_mag, m)) for m in a_pass.target_mags)
+        tile = max(min(self.tile_voxels, voxels), math.prod(tile_alignment(a_pass)))
+        return (buffers + self.threads * tile * self.TILE_OVERHEAD) * bytes_per_voxel
+
+
+def tile_alignment(a_pass: Pass) -> tuple[int, int, int]:
+    """Tiles start on whole source chunks and whole blocks of the pass's coarsest mag."""
+    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
+    return tuple(max(CHUNK, f) for f in factor)  # type: ignore[return-value]
+
+
 def group_passes(
     source_mag: Mag,
     target_mags: Sequence[Mag],
     bytes_per_voxel: int,
-    unit_budget_bytes: int,
-    max_levels_per_pass: int = 8,
+    budget: UnitBudget,
 ) -> list[Pass]:
-    """Splits the chain of target mags into passes that fit the memory budget.
-
-    A pass of levels up to mag M needs units of at least one 32^3 chunk of M,
-    i.e. 32 * M / source voxels per axis, held with about 2.5x overhead for
-    the kernels' temporaries.
-    """
+    """Splits the chain of target mags into passes whose smallest unit (one
+    32^3 chunk of the pass's coarsest mag) fits the budget."""
     passes: list[Pass] = []
     current_source = source_mag
     levels: list[Mag] = []
     for target in target_mags:
-        factor = factor_between(current_source, target)
-        unit_bytes = math.prod(CHUNK * f for f in factor) * bytes_per_voxel * 2.5
-        if levels and (unit_bytes > unit_budget_bytes or len(levels) >= max_levels_per_pass):
+        candidate = Pass(current_source, tuple(levels) + (target,))
+        smallest = [CHUNK * f for f in factor_between(current_source, target)]
+        if levels and budget.unit_bytes(candidate, smallest, bytes_per_voxel) > budget.bytes:
             passes.append(Pass(current_source, tuple(levels)))
             current_source = levels[-1]
             levels = []
@@ -213,7 +251,7 @@ def group_passes(
 def unit_shape(
     a_pass: Pass,
     bytes_per_voxel: int,
-    unit_budget_bytes: int,
+    budget: UnitBudget,
     region_shape: Sequence[int],
 ) -> tuple[int, int, int]:
     """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
@@ -236,7 +274,7 @@ def unit_shape(
             if (
                 shape[axis] < needed[axis]
                 and candidate[axis] <= limit[axis]
-                and math.prod(candidate) * bytes_per_voxel * 2.5 <= unit_budget_bytes
+                and budget.unit_bytes(a_pass, candidate, bytes_per_voxel) <= budget.bytes
             ):
                 shape = candidate
                 grown = True
@@ -250,13 +288,13 @@ def plan_units(
     a_pass: Pass,
     bbox_mag1: Box,
     bytes_per_voxel: int,
-    unit_budget_bytes: int,
+    budget: UnitBudget,
 ) -> list[WorkUnit]:
     """Tiles the source region the pass needs into aligned, disjoint units."""
     coarsest_region = region_in_mag(bbox_mag1, a_pass.coarsest)
     factor = factor_between(a_pass.source_mag, a_pass.coarsest)
     needed = coarsest_region.scaled_up(factor)  # in source-mag voxels
-    shape = unit_shape(a_pass, bytes_per_voxel, unit_budget_bytes, needed.shape)
+    shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
     first_index = [a // s for a, s in zip(needed.start, shape)]
     last_index = [-(-b // s) for b, s in zip(needed.stop, shape)]
     units = []

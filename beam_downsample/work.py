@@ -7,6 +7,7 @@ calls `run_unit`; tests call it directly too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Sequence
@@ -14,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, reduce
+from beam_downsample import io, planning, reduce
 from beam_downsample.mags import Mag
 from beam_downsample.planning import Box, WorkUnit
 
@@ -40,6 +41,9 @@ class PassConfig:
     interpolation: str
     levels: tuple[LevelConfig, ...]
     marker_dir: str  # done-markers of this pass's units live here
+    tile_alignment: tuple[int, int, int] = (32, 32, 32)
+    threads: int = 1
+    tile_voxels: int = 16 << 20
 
 
 @dataclasses.dataclass
@@ -88,33 +92,65 @@ def mark_done(config: PassConfig, unit: WorkUnit) -> None:
     os.replace(temp, path)
 
 
+def _level_boxes(config: PassConfig, box: Box) -> list[Box]:
+    boxes = []
+    for level in config.levels:
+        box = box.scaled_down(level.factor)
+        boxes.append(box)
+    return boxes
+
+
+def _inner_index(inner: Box, outer: Box) -> tuple:
+    return (slice(None),) + tuple(slice(a - o, b - o) for a, b, o in zip(inner.start, inner.stop, outer.start))
+
+
+def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequence[np.ndarray], unit_levels: Sequence[Box]) -> None:
+    """Reduces one tile through every level of the pass into the unit's level buffers."""
+    replicate_edges(data, tile, config.source_region)
+    box = tile
+    for level, buffer, unit_box in zip(config.levels, buffers, unit_levels):
+        data = reduce.downsample(data, level.factor, config.interpolation)
+        box = box.scaled_down(level.factor)
+        buffer[_inner_index(box, unit_box)] = data
+        replicate_edges(data, box, level.region)
+
+
 def run_unit(
     config: PassConfig,
     unit: WorkUnit,
     source: ts.TensorStore,
     targets: Sequence[ts.TensorStore],
 ) -> UnitStats:
-    """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes."""
-    stats = UnitStats()
-    box = unit.box
-    data = io.read_box(source, box, config.channels)
-    stats.voxels_read = box.voxels
-    replicate_edges(data, box, config.source_region)
+    """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes.
+
+    The source box is read and reduced in chunk-aligned tiles by `threads`
+    threads (tensorstore and numpy release the GIL, so reads, kernels and
+    the other tiles overlap); each level is gathered in a buffer and written
+    with one call, so a shard is never rewritten once per tile.
+    """
+    stats = UnitStats(voxels_read=unit.box.voxels)
+    unit_levels = _level_boxes(config, unit.box)
+    dtype = source.dtype.numpy_dtype
+    buffers = [np.zeros((config.channels, *b.shape), dtype=dtype) for b in unit_levels]
+    tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
+
+    def work_on(tile: Box) -> None:
+        reduce_tile(config, tile, io.read_box(source, tile, config.channels), buffers, unit_levels)
+
+    if config.threads <= 1 or len(tiles) == 1:
+        for tile in tiles:
+            work_on(tile)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(config.threads) as pool:
+            for future in [pool.submit(work_on, tile) for tile in tiles]:
+                future.result()
     pending = []
-    for level, target in zip(config.levels, targets):
-        data = reduce.downsample(data, level.factor, config.interpolation)
-        box = Box(
-            tuple(a // f for a, f in zip(box.start, level.factor)),  # type: ignore[arg-type]
-            tuple(b // f for b, f in zip(box.stop, level.factor)),  # type: ignore[arg-type]
-        )
-        written = box.intersect(level.region)
+    for level, target, buffer, unit_box in zip(config.levels, targets, buffers, unit_levels):
+        written = unit_box.intersect(level.region)
         if written.empty:
             continue
-        offset = [a - b for a, b in zip(written.start, box.start)]
-        part = data[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, written.shape))]
-        pending.append(io.write_region(target, written, part))
+        pending.append(io.write_region(target, written, buffer[_inner_index(written, unit_box)]))
         stats.voxels_written += written.voxels
-        replicate_edges(data, box, level.region)
     for future in pending:
         future.result()
     return stats

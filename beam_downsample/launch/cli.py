@@ -21,6 +21,7 @@ configure_quiet_logging()  # before Beam is imported: it warns about optional GC
 # pylint: disable=wrong-import-position
 from beam_downsample import job, reduce
 from beam_downsample.launch import runners
+from beam_downsample.machine import available_cores
 from beam_downsample.mags import MagError, parse_mag
 from beam_downsample.planning import SAMPLING_MODES, PlanningError
 from beam_downsample.properties import DatasetError, load_dataset
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except MagError as error:
                 raise runners.UsageError(f"--coarsest-mag: {error}") from None
         runners.check_beam_flags(beam_flags)
-        jobs = 1 if strategy == "sequential" else (jobs or runners.default_jobs())
+        jobs = 1 if strategy == "sequential" else (jobs or available_cores())
         options = job.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),
             layer_name=_flag_value("layer-name"),

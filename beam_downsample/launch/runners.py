@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Sequence
 
@@ -17,13 +16,6 @@ NOT_YET = {"slurm", "kubernetes"}
 
 class UsageError(ValueError):
     """A command-line problem: one line naming the option, exit status 2."""
-
-
-def default_jobs() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def parse_job_resources(text: str) -> dict:
