@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -168,6 +169,80 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
                 io.open_array(spec, create=True, delete_existing=True)
 
 
+class LockError(RuntimeError):
+    """Another run holds the layer."""
+
+
+class LayerLocks:
+    """One run at a time per layer: `.beam-downsample/<layer>.lock` holds pid and host.
+
+    A lock whose process is gone (same host, pid not alive) is stale and taken over.
+    """
+
+    def __init__(self, dataset: Dataset, layer_names: Sequence[str], log: Callable[[str], None] = print):
+        self._paths = [os.path.join(dataset.path, STATE_DIR, f"{name}.lock") for name in layer_names]
+        self._held: list[str] = []
+        self._log = log
+
+    def __enter__(self):
+        try:
+            for path in self._paths:
+                self._acquire(path)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _acquire(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        for _ in range(2):
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+                    self._log(f"removing stale lock {path} (pid {holder.get('pid')} is gone)")
+                    os.unlink(path)
+                    continue
+                raise LockError(
+                    f"layer {os.path.basename(path)[:-5]!r} is being downsampled by pid {holder.get('pid')} on "
+                    f"{holder.get('host')} (lock {path}); if that run is gone, delete the lock file"
+                ) from None
+            with os.fdopen(handle, "w") as out:
+                out.write(content)
+            self._held.append(path)
+            return
+
+    def __exit__(self, *exc):
+        for path in self._held:
+            if os.path.exists(path):
+                os.unlink(path)
+        if self._held:
+            _remove_empty_dirs(os.path.dirname(self._held[0]))
+        self._held = []
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Progress:
     """Counts done-markers in the background: works for every runner on a shared disk."""
 
@@ -234,8 +309,19 @@ def run_job(
                 os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
             )
         save_properties(dataset.path, raw)
-    shutil.rmtree(os.path.join(dataset.path, STATE_DIR), ignore_errors=True)
+    for plan in plans:
+        for config in plan.configs:
+            shutil.rmtree(config.marker_dir, ignore_errors=True)
+    _remove_empty_dirs(os.path.join(dataset.path, STATE_DIR))
     return metrics
+
+
+def _remove_empty_dirs(top: str) -> None:
+    for directory, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass  # not empty: another layer's run or its lock
 
 
 def _collect_metrics(result, metrics: dict) -> None:

@@ -166,12 +166,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _flag_value("dry-run") or not any(p.target_mags for p in plans):
         return 0
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    job.create_targets(dataset, plans)
-    with _ProgressBar() as bar:
-        metrics = job.run_job(dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write)
+    try:
+        with job.LayerLocks(dataset, [p.layer.name for p in plans if p.target_mags], log=_warn):
+            job.create_targets(dataset, plans)
+            with _ProgressBar() as bar:
+                metrics = job.run_job(dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write)
+    except job.LockError as error:
+        return _fail(str(error))
+    except Exception as error:  # pylint: disable=broad-except
+        print(f"beam-downsample: error: {_root_cause(error)}", file=sys.stderr)
+        print("nothing unfinished was listed in the properties; rerun the same command to resume", file=sys.stderr)
+        return 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
     print(f"done: {summary}" if summary else "done")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"beam-downsample: {message}", file=sys.stderr)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message of an error that Beam re-raised through its layers."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "Traceback", "raise ", "^")) and "[while running" not in line:
+            return line[:500]
+    return type(error).__name__
 
 
 class _ProgressBar:
