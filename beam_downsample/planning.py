@@ -144,7 +144,7 @@ class Box:
 def split_box(box: Box, align: Sequence[int], max_voxels: int) -> list[Box]:
     """Splits `box` into tiles on the `align` grid, halving the longest split
     axis (z first, then y, then x) until a tile holds at most `max_voxels`."""
-    shape = list(box.shape)
+    shape = [-(-s // a) * a for s, a in zip(box.shape, align)]
     for axis in (2, 1, 0):
         while math.prod(shape) > max_voxels and shape[axis] > align[axis]:
             shape[axis] = max(align[axis], (shape[axis] // 2) // align[axis] * align[axis])

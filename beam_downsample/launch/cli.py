@@ -105,17 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = FLAGS(argv, known_only=True)
     except flags.Error as error:
         return _fail(str(error).splitlines()[0])
-    positional = [a for a in rest[1:] if not a.startswith("-")]
-    beam_flags = [a for a in rest[1:] if a.startswith("-")]
-    # Beam flags given as "--flag value" leave the value positional: give it back.
-    target_candidates = []
-    for arg in positional:
-        index = rest.index(arg)
-        previous = rest[index - 1] if index > 1 else ""
-        if previous.startswith("--") and "=" not in previous and previous in beam_flags:
-            beam_flags.insert(beam_flags.index(previous) + 1, arg)
-        else:
-            target_candidates.append(arg)
+    try:
+        target_candidates, beam_flags = runners.split_beam_flags(rest[1:])
+    except runners.UsageError as error:
+        return _fail(str(error))
     try:
         if not target_candidates:
             raise runners.UsageError("missing TARGET (the dataset directory); see --help")
@@ -147,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 coarsest = parse_mag(_flag_value("coarsest-mag"))
             except MagError as error:
                 raise runners.UsageError(f"--coarsest-mag: {error}") from None
-        runners.check_beam_flags(beam_flags)
         jobs = 1 if strategy == "sequential" else (jobs or available_cores())
         options = job.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),

@@ -55,13 +55,21 @@ def _beam_option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_beam_flags(flags: Sequence[str]) -> None:
-    """Beam ignores misspelt flags silently; we refuse anything Beam does not know."""
-    if not flags:
-        return
-    _, unknown = _beam_option_parser().parse_known_args(list(flags))
-    if unknown:
-        raise UsageError(f"unknown option {unknown[0]!r} (neither beam-downsample's nor Beam's; see --help)")
+def split_beam_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(positional arguments, Beam flags) of what our flags left over.
+
+    Beam ignores misspelt flags silently; we refuse anything Beam does not know,
+    before a misspelt flag could swallow TARGET as its value.
+    """
+    _, unknown = _beam_option_parser().parse_known_args(list(args))
+    for arg in unknown:
+        if arg.startswith("-"):
+            raise UsageError(f"unknown option {arg.split('=')[0]!r} (neither beam-downsample's nor Beam's; see --help)")
+    positional = list(unknown)
+    beam_flags = list(args)
+    for arg in positional:
+        beam_flags.remove(arg)
+    return positional, beam_flags
 
 
 def pipeline_setup(strategy: str, jobs: int, beam_flags: Sequence[str]):

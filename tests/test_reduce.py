@@ -1,0 +1,299 @@
+"""Block reductions against a plain-Python reference (contract section 3)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+
+from beam_downsample import reduce
+
+# ---------------------------------------------------------------------------
+# plain-Python reference
+
+
+def block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor) -> list:
+    """The block's values as Python scalars, in block order (y fastest, then x, then z)."""
+    fx, fy, fz = factor
+    return [
+        data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item()
+        for dz in range(fz)
+        for dx in range(fx)
+        for dy in range(fy)
+    ]
+
+
+def ref_median(values, dtype):
+    s = sorted(values)
+    n = len(s)
+    if n % 2:
+        return s[n // 2]
+    v = (float(s[n // 2 - 1]) + float(s[n // 2])) / 2
+    return np.array(v).astype(dtype)
+
+
+def ref_mode(values, dtype):
+    counts = collections.Counter(values)
+    best = max(counts.values())
+    for value in values:  # first occurrence in block order wins ties
+        if counts[value] == best:
+            return value
+
+
+def ref_mean(values, dtype):
+    total = float(values[0])
+    for v in values[1:]:
+        total += v
+    total /= len(values)
+    if np.dtype(dtype).kind in "iu":
+        total = np.rint(total)
+    return np.array(total).astype(dtype)
+
+
+REFERENCE = {
+    "median": ref_median,
+    "mode": ref_mode,
+    "mean": ref_mean,
+    "min": lambda values, dtype: min(values),
+    "max": lambda values, dtype: max(values),
+    "nearest": lambda values, dtype: values[0],
+}
+
+
+def reference(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
+    c, x, y, z = data.shape
+    fx, fy, fz = factor
+    out = np.zeros((c, x // fx, y // fy, z // fz), dtype=data.dtype)
+    fn = REFERENCE[interpolation]
+    for ci, ox, oy, oz in itertools.product(range(c), range(x // fx), range(y // fy), range(z // fz)):
+        out[ci, ox, oy, oz] = fn(block(data, ci, ox, oy, oz, factor), data.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# data
+
+FACTORS = [(2, 2, 1), (2, 2, 2), (1, 1, 2), (2, 1, 1), (4, 4, 1), (4, 2, 2), (1, 1, 1)]
+DTYPES = ["uint8", "uint16", "uint32", "uint64", "int16", "float32"]
+OUT_SHAPE = (3, 4, 2)  # output voxels per axis
+
+
+def make(dtype: str, factor, kind: str, channels: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (channels,) + tuple(o * f for o, f in zip(OUT_SHAPE, factor))
+    dtype = np.dtype(dtype)
+    if kind == "ties":  # few distinct values, zero among them: many ties
+        values = rng.integers(0, 3, shape)
+        if dtype.kind == "i":
+            values = values - 1
+        return values.astype(dtype)
+    if kind == "wide":
+        if dtype.kind == "f":
+            return (rng.standard_normal(shape) * 1000).astype(dtype)
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    if kind == "big64":  # above 2**53, differing only in the low bits
+        base = np.uint64(2**60 + 2**54)
+        return (base + rng.integers(0, 3, shape).astype(np.uint64)).astype(np.uint64)
+    raise AssertionError(kind)
+
+
+def check(data, factor, interpolation):
+    result = reduce.downsample(data, factor, interpolation)
+    expected = reference(data, factor, interpolation)
+    assert result.dtype == data.dtype
+    assert result.shape == expected.shape
+    np.testing.assert_array_equal(result, expected)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# every kernel, factor, dtype
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "min", "max", "nearest"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("factor", FACTORS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("kind", ["ties", "wide"])
+def test_kernel_matches_reference(interpolation, dtype, factor, kind):
+    data = make(dtype, factor, kind, seed=zlib.crc32(repr((interpolation, dtype, factor, kind)).encode()))
+    check(data, factor, interpolation)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int16", "float32"])
+@pytest.mark.parametrize("factor", FACTORS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("kind", ["ties", "wide"])
+def test_mean_matches_reference(dtype, factor, kind):
+    check(make(dtype, factor, kind, seed=7), factor, "mean")
+
+
+def test_mean_rounds_half_to_even():
+    data = np.array([1, 2, 2, 3, 3, 4, 5, 6], dtype=np.uint8).reshape(1, 8, 1, 1)
+    # blocks of two: 1.5 -> 2, 2.5 -> 2, 3.5 -> 4, 5.5 -> 6
+    assert reduce.downsample(data, (2, 1, 1), "mean").ravel().tolist() == [2, 2, 4, 6]
+    data = np.array([-1, -2, -3, -2], dtype=np.int16).reshape(1, 4, 1, 1)
+    assert reduce.downsample(data, (2, 1, 1), "mean").ravel().tolist() == [-2, -2]
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "min", "max", "nearest"])
+@pytest.mark.parametrize("factor", [(2, 2, 2), (4, 2, 2), (2, 2, 1)], ids=lambda f: "x".join(map(str, f)))
+def test_uint64_above_2_53(interpolation, factor):
+    data = make("uint64", factor, "big64", seed=3)
+    result = check(data, factor, interpolation)
+    if interpolation != "median":  # every value comes from the input, exactly
+        assert set(result.ravel().tolist()) <= set(data.ravel().tolist())
+
+
+def test_mode_uint64_exact_low_bits():
+    base = 2**60 + 2**54
+    values = [base + 1, base + 2, base + 2, base + 1, base + 3, base + 2, base + 1, base + 2]
+    data = _one_block(values, dtype=np.uint64)
+    assert reduce.downsample(data, (2, 2, 2), "mode").item() == base + 2
+    assert reduce.downsample(data, (2, 2, 2), "nearest").item() == base + 1
+    assert reduce.downsample(data, (2, 2, 2), "max").item() == base + 3
+
+
+@pytest.mark.parametrize("factor", [(3, 1, 1), (1, 3, 1), (3, 3, 1), (3, 1, 3), (3, 2, 1)], ids=str)
+@pytest.mark.parametrize("dtype", ["uint8", "uint64", "int16", "float32"])
+def test_median_odd_and_other_block_sizes(factor, dtype):
+    for kind in ("ties", "wide"):
+        check(make(dtype, factor, kind, seed=11), factor, "median")
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "mean", "min", "max", "nearest"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint32", "float32"])
+def test_channels_reduced_independently(interpolation, dtype):
+    factor = (2, 2, 2)
+    data = make(dtype, factor, "ties", channels=3, seed=5)
+    data[1] = make(dtype, factor, "wide", seed=6)[0]
+    result = check(data, factor, interpolation)
+    for c in range(3):
+        np.testing.assert_array_equal(result[c : c + 1], reduce.downsample(data[c : c + 1].copy(), factor, interpolation))
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "mean", "min", "max", "nearest"])
+@pytest.mark.parametrize("factor", FACTORS + [(3, 1, 1)], ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["ties", "wide"])
+def test_fortran_order_same_result(interpolation, factor, channels, kind):
+    data = make("uint32", factor, kind, channels=channels, seed=9)
+    if kind == "ties":  # mostly uniform blocks, a few mixed ones: the mode's sparse path
+        data[:] = 1
+        data.reshape(-1)[:: max(data.size // 7, 1)] = 2
+    fortran = np.asfortranarray(data)
+    assert fortran.flags.f_contiguous
+    c_result = reduce.downsample(data, factor, interpolation)
+    f_result = reduce.downsample(fortran, factor, interpolation)
+    np.testing.assert_array_equal(c_result, f_result)
+    np.testing.assert_array_equal(c_result, reference(data, factor, interpolation))
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "min", "max", "nearest"])
+def test_non_contiguous_input(interpolation):
+    base = make("uint16", (4, 4, 4), "ties", channels=2, seed=2)
+    view = base[:, 1:9, ::2, 2:6]  # (2, 8, 8, 4): strided, offset view
+    check(view, (2, 2, 2), interpolation)
+
+
+# ---------------------------------------------------------------------------
+# hand-written cases
+
+
+def _one_block(values, factor=(2, 2, 2), dtype=np.uint8):
+    """One block holding `values` in block order."""
+    fx, fy, fz = factor
+    data = np.zeros((1, fx, fy, fz), dtype=dtype)
+    for i, v in enumerate(values):
+        dz, rest = divmod(i, fx * fy)
+        dx, dy = divmod(rest, fy)
+        data[0, dx, dy, dz] = v
+    return data
+
+
+def test_median_hand_cases():
+    assert reduce.downsample(_one_block(range(1, 9)), (2, 2, 2), "median").item() == 4
+    assert reduce.downsample(_one_block([8, 3, 1, 6, 2, 7, 5, 4]), (2, 2, 2), "median").item() == 4
+    assert reduce.downsample(_one_block([0, 255] * 4), (2, 2, 2), "median").item() == 127
+    assert reduce.downsample(_one_block([0] * 4 + [255] * 4), (2, 2, 2), "median").item() == 127
+    assert reduce.downsample(_one_block([254, 255], (2, 1, 1)), (2, 1, 1), "median").item() == 254
+    big = 2**32 - 1
+    assert reduce.downsample(_one_block([big, big - 2, big, big], (2, 2, 1), np.uint32), (2, 2, 1), "median").item() == big
+    # truncation towards zero, not floor
+    assert reduce.downsample(_one_block([-3, 0], (2, 1, 1), np.int16), (2, 1, 1), "median").item() == -1
+    assert reduce.downsample(_one_block([-32768, 32767], (2, 1, 1), np.int16), (2, 1, 1), "median").item() == 0
+    assert reduce.downsample(_one_block([1.0, 2.0], (2, 1, 1), np.float32), (2, 1, 1), "median").item() == 1.5
+    assert reduce.downsample(_one_block([5, 1, 9], (3, 1, 1)), (3, 1, 1), "median").item() == 5
+
+
+def test_mode_tie_break_differs_from_c_order():
+    # A at block positions 1 and 7, B at 4 and 5: tie 2-2, A comes first in block order
+    # (in C order, z fastest, B would come first).
+    a, b = 20, 30
+    values = [9, a, 10, 11, b, b, 12, a]
+    assert reduce.downsample(_one_block(values), (2, 2, 2), "mode").item() == a
+    np.testing.assert_array_equal(
+        reduce.downsample(np.asfortranarray(_one_block(values)), (2, 2, 2), "mode"), [[[[a]]]]
+    )
+
+
+def test_mode_tie_break_y_before_x():
+    # B at (dx=0, dy=1) = block index 1, A at (dx=1, dy=0) = block index 2: B wins
+    # (walking x fastest would pick A).
+    a, b = 20, 30
+    values = [9, b, a, 10, 11, 12, a, b]
+    assert reduce.downsample(_one_block(values), (2, 2, 2), "mode").item() == b
+
+
+def test_mode_zero_is_a_label():
+    assert reduce.downsample(_one_block([5, 0, 0, 0, 5, 5, 7, 0], dtype=np.uint32), (2, 2, 2), "mode").item() == 0
+    assert reduce.downsample(_one_block([0, 5, 5, 0, 3, 3, 3, 9], dtype=np.uint32), (2, 2, 2), "mode").item() == 3
+    assert reduce.downsample(_one_block([0, 5, 5, 0, 1, 2, 3, 4], dtype=np.uint32), (2, 2, 2), "mode").item() == 0
+
+
+def test_mode_large_block_counts():
+    # 16*16*1 = 256 voxels per block: counts must not overflow a small counter type.
+    values = [7] * 129 + [3] * 127
+    data = _one_block(values, (16, 16, 1), np.uint32)
+    assert reduce.downsample(data, (16, 16, 1), "mode").item() == 7
+    values = [3] * 100 + [7] * 156
+    data = _one_block(values, (16, 16, 1), np.uint32)
+    assert reduce.downsample(data, (16, 16, 1), "mode").item() == 7
+
+
+def test_nearest_is_first_voxel():
+    data = _one_block([42, 1, 2, 3, 4, 5, 6, 7])
+    assert data[0, 0, 0, 0] == 42
+    assert reduce.downsample(data, (2, 2, 2), "nearest").item() == 42
+
+
+def test_identity_factor_copies():
+    data = make("uint8", (1, 1, 1), "wide")
+    for interpolation in reduce.INTERPOLATIONS:
+        result = reduce.downsample(data, (1, 1, 1), interpolation)
+        np.testing.assert_array_equal(result, data)
+        assert not np.shares_memory(result, data)
+
+
+def test_input_not_modified():
+    data = make("uint32", (2, 2, 2), "ties", channels=2)
+    before = data.copy()
+    for interpolation in reduce.INTERPOLATIONS:
+        reduce.downsample(data, (2, 2, 2), interpolation)
+    np.testing.assert_array_equal(data, before)
+
+
+def test_errors():
+    data = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="interpolation"):
+        reduce.downsample(data, (2, 2, 1), "bicubic")
+    with pytest.raises(ValueError):
+        reduce.downsample(data, (2, 2, 2), "median")  # 3 not divisible by 2
+    with pytest.raises(ValueError):
+        reduce.downsample(np.zeros((4, 4, 4), dtype=np.uint8), (2, 2, 2), "mode")
+
+
+def test_default_interpolation():
+    assert reduce.DEFAULT_INTERPOLATION == {"color": "median", "segmentation": "mode"}
