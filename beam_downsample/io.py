@@ -134,7 +134,7 @@ def read_box(array: ts.TensorStore, box: Box, channels: int) -> np.ndarray:
     inside = box.intersect(domain)
     if inside.start == box.start and inside.stop == box.stop:
         return read_region(array, box)
-    result = np.zeros((channels, *box.shape), dtype=array.dtype.numpy_dtype)
+    result = np.zeros((channels, *box.shape), dtype=array.dtype.numpy_dtype, order="F")
     if not inside.empty:
         offset = [a - b for a, b in zip(inside.start, box.start)]
         result[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, inside.shape))] = read_region(
@@ -148,7 +148,7 @@ def region_index(box: Box) -> tuple:
 
 
 def read_region(array: ts.TensorStore, box: Box) -> np.ndarray:
-    return array[region_index(box)].read(order="C").result()
+    return array[region_index(box)].read(order="F").result()
 
 
 def write_region(array: ts.TensorStore, box: Box, data: np.ndarray) -> ts.Future:

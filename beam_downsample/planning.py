@@ -142,14 +142,15 @@ class Box:
 
 
 def split_box(box: Box, align: Sequence[int], max_voxels: int) -> list[Box]:
-    """Splits `box` into tiles on the `align` grid, halving x first, then y,
-    then z, until a tile holds at most `max_voxels`.
+    """Splits `box` into tiles on the `align` grid, halving z first, then y,
+    then x, until a tile holds at most `max_voxels`.
 
-    Tiles are read in C order (z fastest), so they keep their full z extent
-    as long as possible: the kernels' inner loops run along z.
+    Tiles are read in Fortran order (x fastest, as the chunks are stored, so
+    tensorstore need not transpose), and keep their full x extent as long as
+    possible: the kernels' inner loops run along x.
     """
     shape = [-(-s // a) * a for s, a in zip(box.shape, align)]
-    for axis in (0, 1, 2):
+    for axis in (2, 1, 0):
         while math.prod(shape) > max_voxels and shape[axis] > align[axis]:
             shape[axis] = max(align[axis], (shape[axis] // 2) // align[axis] * align[axis])
     tiles = []

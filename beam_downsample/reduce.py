@@ -81,7 +81,7 @@ def median(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     views = block_views(data, factor)
     n = len(views)
     if n == 1:
-        return views[0].copy()
+        return views[0].copy(order="K")
     if n == 2:
         low, high = views
     elif n == 4:
@@ -112,7 +112,7 @@ def _mode_of_views(views: list[np.ndarray]) -> np.ndarray:
     count is the first occurrence of the earliest most frequent value.
     """
     n = len(views)
-    best_value = views[0].copy()
+    best_value = views[0].copy(order="K")
     if n == 1:
         return best_value
     count_dtype = np.uint8 if n < 256 else np.uint32
@@ -139,22 +139,35 @@ def mode(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     views = block_views(data, factor)
     n = len(views)
     if n == 1:
-        return views[0].copy()
+        return views[0].copy(order="K")
     first = views[0]
     uniform = first == views[1]
     for view in views[2:]:
         uniform &= first == view
-    # Flatten everything in memory order ("K") so that C- and F-ordered
-    # inputs both gather without a transposing copy.
     result = first.copy(order="K")
-    mixed = np.flatnonzero(np.ravel(~uniform, order="K"))
+    order = "F" if uniform.flags.f_contiguous and not uniform.flags.c_contiguous else "C"
+    mixed = np.flatnonzero(np.ravel(~uniform, order=order))
     if mixed.size == 0:
         return result
-    if mixed.size > uniform.size // 2:
+    if mixed.size > uniform.size // 2 or not (data.flags.c_contiguous or data.flags.f_contiguous):
         return _mode_of_views(views)
-    gathered = [np.ravel(view, order="K").take(mixed) for view in views]
-    flat_result = np.ravel(result, order="K")
-    assert np.shares_memory(flat_result, result)
+    # Gather only the mixed blocks, straight from the input's memory.
+    coords = np.unravel_index(mixed, uniform.shape, order=order)
+    strides = [stride // data.itemsize for stride in data.strides]
+    base = coords[0] * strides[0]
+    for axis, f in enumerate(factor, start=1):
+        base += coords[axis] * (f * strides[axis])
+    flat = np.ravel(data, order="K")  # a view: data is contiguous
+    fx, fy, fz = factor
+    gathered = [
+        flat.take(base + (dx * strides[1] + dy * strides[2] + dz * strides[3]))
+        for dz in range(fz)
+        for dx in range(fx)
+        for dy in range(fy)
+    ]
+    flat_result = np.ravel(result, order=order)
+    if not np.shares_memory(flat_result, result):  # pragma: no cover - layouts differ
+        return _mode_of_views(views)
     flat_result[mixed] = _mode_of_views(gathered)
     return result
 
@@ -167,12 +180,12 @@ def nearest(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     """The block's first voxel (dx = dy = dz = 0)."""
     fx, fy, fz = factor
     block_views(data, factor)  # validates the shape
-    return data[:, ::fx, ::fy, ::fz].copy()
+    return data[:, ::fx, ::fy, ::fz].copy(order="K")
 
 
 def minimum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     views = block_views(data, factor)
-    result = views[0].copy()
+    result = views[0].copy(order="K")
     for view in views[1:]:
         np.minimum(result, view, out=result)
     return result
@@ -180,7 +193,7 @@ def minimum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
 
 def maximum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     views = block_views(data, factor)
-    result = views[0].copy()
+    result = views[0].copy(order="K")
     for view in views[1:]:
         np.maximum(result, view, out=result)
     return result
@@ -215,5 +228,5 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
     except KeyError:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}") from None
     if tuple(factor) == (1, 1, 1):
-        return data.copy()
+        return data.copy(order="K")
     return kernel(data, factor)

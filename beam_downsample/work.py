@@ -131,7 +131,7 @@ def run_unit(
     stats = UnitStats(voxels_read=unit.box.voxels)
     unit_levels = _level_boxes(config, unit.box)
     dtype = source.dtype.numpy_dtype
-    buffers = [np.zeros((config.channels, *b.shape), dtype=dtype) for b in unit_levels]
+    buffers = [np.zeros((config.channels, *b.shape), dtype=dtype, order="F") for b in unit_levels]
     tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
 
     def work_on(tile: Box) -> None:
