@@ -183,20 +183,20 @@ def nearest(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     return data[:, ::fx, ::fy, ::fz].copy(order="K")
 
 
-def minimum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
+def _fold(data: np.ndarray, factor: Sequence[int], ufunc: np.ufunc) -> np.ndarray:
     views = block_views(data, factor)
     result = views[0].copy(order="K")
     for view in views[1:]:
-        np.minimum(result, view, out=result)
+        ufunc(result, view, out=result)
     return result
+
+
+def minimum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
+    return _fold(data, factor, np.minimum)
 
 
 def maximum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
-    views = block_views(data, factor)
-    result = views[0].copy(order="K")
-    for view in views[1:]:
-        np.maximum(result, view, out=result)
-    return result
+    return _fold(data, factor, np.maximum)
 
 
 def mean(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
