@@ -62,6 +62,13 @@ def unit_budget(options: JobOptions) -> planning.UnitBudget:
     return planning.UnitBudget(bytes=per_worker, threads=threads)
 
 
+def check_writable(dataset_path: str, layer_names: Sequence[str]) -> None:
+    """The properties and every layer directory must be writable before we start."""
+    for path in [dataset_path] + [os.path.join(dataset_path, name) for name in layer_names]:
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            raise DatasetError(f"{path} is not writable: new mags and the properties cannot be written")
+
+
 def pass_dir_name(a_pass: Pass) -> str:
     return mag_name(a_pass.source_mag) + "_to_" + "_".join(mag_name(m) for m in a_pass.target_mags)
 
@@ -69,6 +76,7 @@ def pass_dir_name(a_pass: Pass) -> str:
 def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
     """Plans every selected layer; raises DatasetError/PlanningError before touching anything."""
     layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
+    check_writable(dataset.path, [layer.name for layer in layers])
     for layer in layers:
         io.check_format(layer)
         io.check_source_array(layer, dataset.path, layer.source_mag)
