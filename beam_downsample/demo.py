@@ -19,7 +19,7 @@ import numpy as np
 from beam_downsample import io
 from beam_downsample.mags import Mag, mag_name
 from beam_downsample.planning import Box
-from beam_downsample.properties import AXIS_ORDER, ELEMENT_CLASSES, Layer, save_properties, write_json_atomically
+from beam_downsample.properties import AXIS_ORDER, element_class_for, save_properties, write_json_atomically
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 SEGMENTATION_FILE = os.path.join(DATA_DIR, "connectomics.npy.ckl.gz")
@@ -89,8 +89,8 @@ def write_dataset(
             data = data[None]
         top_left = tuple(spec.get("top_left", (0, 0, 0)))
         mag = tuple(spec.get("mag", (1, 1, 1)))
-        element_class = spec.get("element_class", data.dtype.name)
-        channels = data.shape[0] // ELEMENT_CLASSES[element_class][1]
+        channels = data.shape[0]
+        element_class = spec.get("element_class") or element_class_for(data.dtype, channels)
         size = [s * m for s, m in zip(data.shape[1:], mag)]
         largest = spec.get("largest_segment_id")
         if spec["category"] == "segmentation" and largest is None:

@@ -19,20 +19,35 @@ from beam_downsample.planning import Box
 
 PROPERTIES_FILE = "datasource-properties.json"
 
-# elementClass -> (dtype of one channel, channels per element)
+# elementClass -> (numpy kind, bits of the whole voxel, all channels together):
+# WEBKNOSSOS writes uint8 x 2 channels as elementClass uint16, numChannels 2.
 ELEMENT_CLASSES: dict[str, tuple[str, int]] = {
-    "uint8": ("uint8", 1),
-    "uint16": ("uint16", 1),
-    "uint32": ("uint32", 1),
-    "uint64": ("uint64", 1),
-    "int8": ("int8", 1),
-    "int16": ("int16", 1),
-    "int32": ("int32", 1),
-    "int64": ("int64", 1),
-    "float": ("float32", 1),
-    "double": ("float64", 1),
-    "uint24": ("uint8", 3),
+    **{f"uint{bits}": ("u", bits) for bits in (8, 16, 24, 32, 48, 64, 96, 128)},
+    **{f"int{bits}": ("i", bits) for bits in (8, 16, 24, 32, 48, 64, 96, 128)},
+    "float": ("f", 32),
+    "double": ("f", 64),
+    "float96": ("f", 96),
+    "float128": ("f", 128),
 }
+
+
+def channel_dtype(element_class: str, num_channels: int) -> np.dtype:
+    """The dtype of one channel; raises DatasetError if the class does not split into channels."""
+    kind, bits = ELEMENT_CLASSES[element_class]
+    per_channel, rest = divmod(bits, num_channels)
+    if rest or per_channel not in ((32, 64) if kind == "f" else (8, 16, 32, 64)):
+        raise DatasetError(f"elementClass {element_class} does not split into {num_channels} channels")
+    return np.dtype(f"{kind}{per_channel // 8}")
+
+
+def element_class_for(dtype: np.dtype, num_channels: int) -> str:
+    """The elementClass WEBKNOSSOS writes for `num_channels` channels of `dtype`."""
+    bits = np.dtype(dtype).itemsize * 8 * num_channels
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return {32: "float", 64: "double"}.get(bits, f"float{bits}")
+    return f"{'uint' if kind == 'u' else 'int'}{bits}"
+
 
 AXIS_ORDER = {"c": 0, "x": 1, "y": 2, "z": 3}
 
@@ -102,8 +117,13 @@ def _parse_layer(raw: dict, index: int) -> Layer:
     element_class = _require(raw, "elementClass", where)
     if element_class not in ELEMENT_CLASSES:
         raise DatasetError(f"{PROPERTIES_FILE}: {where} has unknown elementClass {element_class!r}")
-    dtype_name, channels_per_element = ELEMENT_CLASSES[element_class]
-    num_channels = int(raw.get("numChannels", 1)) * channels_per_element
+    num_channels = int(raw.get("numChannels", 1))
+    if element_class == "uint24" and num_channels == 1:
+        num_channels = 3  # older RGB layers leave numChannels at 1
+    try:
+        dtype = channel_dtype(element_class, num_channels)
+    except DatasetError as error:
+        raise DatasetError(f"{PROPERTIES_FILE}: {where}: {error}") from None
     bbox_raw = _require(raw, "boundingBox", where)
     try:
         top_left = [int(v) for v in bbox_raw["topLeft"]]
@@ -125,7 +145,7 @@ def _parse_layer(raw: dict, index: int) -> Layer:
         name=name,
         category=category,
         bbox=bbox,
-        dtype=np.dtype(dtype_name),
+        dtype=dtype,
         num_channels=num_channels,
         data_format=raw.get("dataFormat", "wkw"),
         mags=mags,

@@ -105,8 +105,9 @@ def test_scale_unit_kept(tmp_path):
 
 @pytest.mark.parametrize(
     "element_class, dtype, channels, num_channels",
-    [("uint24", "uint8", 3, 1), ("float", "float32", 1, 1), ("double", "float64", 1, 1),
-     ("int16", "int16", 1, 1), ("uint8", "uint8", 2, 2), ("uint64", "uint64", 1, 1)],
+    [("uint24", "uint8", 3, 1), ("uint24", "uint8", 3, 3), ("float", "float32", 1, 1), ("double", "float64", 1, 1),
+     ("int16", "int16", 1, 1), ("uint16", "uint8", 2, 2), ("uint64", "uint64", 1, 1),
+     ("uint32", "uint16", 2, 2), ("uint64", "uint16", 4, 4), ("double", "float32", 2, 2), ("uint48", "uint16", 3, 3)],
 )
 def test_element_classes(tmp_path, element_class, dtype, channels, num_channels):
     raw = raw_properties()
@@ -115,6 +116,14 @@ def test_element_classes(tmp_path, element_class, dtype, channels, num_channels)
     layer = properties.load_dataset(write(tmp_path / "ds", raw)).layers[0]
     assert layer.dtype == np.dtype(dtype)
     assert layer.num_channels == channels
+
+
+def test_element_class_that_does_not_split_into_channels_is_refused(tmp_path):
+    raw = raw_properties()
+    raw["dataLayers"][0]["elementClass"] = "uint8"
+    raw["dataLayers"][0]["numChannels"] = 2
+    with pytest.raises(DatasetError, match="does not split into 2 channels"):
+        properties.load_dataset(write(tmp_path / "ds", raw))
 
 
 def test_unknown_layer_lists_layers(tmp_path):
