@@ -69,8 +69,10 @@ def check_writable(dataset_path: str, layer_names: Sequence[str]) -> None:
             raise DatasetError(f"{path} is not writable: new mags and the properties cannot be written")
 
 
-def pass_dir_name(a_pass: Pass) -> str:
-    return mag_name(a_pass.source_mag) + "_to_" + "_".join(mag_name(m) for m in a_pass.target_mags)
+def pass_dir_name(a_pass: Pass, interpolation: str) -> str:
+    """Markers are only reused by a rerun that would write the same voxels."""
+    mags = mag_name(a_pass.source_mag) + "_to_" + "_".join(mag_name(m) for m in a_pass.target_mags)
+    return f"{mags}_{interpolation}"
 
 
 def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
@@ -131,7 +133,7 @@ def _pass_config(
         channels=layer.num_channels,
         interpolation=interpolation,
         levels=tuple(levels),
-        marker_dir=os.path.join(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass)),
+        marker_dir=os.path.join(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)),
         tile_alignment=planning.tile_alignment(a_pass),
         threads=budget.threads,
         tile_voxels=budget.tile_voxels,
