@@ -98,6 +98,22 @@ def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     }
 
 
+def remove_stale_write_locks(spec: dict) -> None:
+    """Deletes tensorstore's `<shard>.__lock` temp files left by a killed writer.
+
+    tensorstore reuses such a file without truncating it, so a shard written
+    after a kill -9 could keep the dead write's tail and be unreadable. Only
+    called while we hold the layer's lock, so no live writer owns them.
+    """
+    kvstore = spec["kvstore"]
+    if kvstore["driver"] != "file":
+        return
+    for directory, _, files in os.walk(kvstore["path"]):
+        for name in files:
+            if name.endswith(".__lock"):
+                os.unlink(os.path.join(directory, name))
+
+
 def existing_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     return {"driver": "zarr3", "kvstore": kvstore_spec(layer.mag_path(dataset_path, mag))}
 

@@ -8,7 +8,9 @@ listed in the properties right away (a crash later loses nothing).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -23,9 +25,16 @@ from beam_downsample import io, planning, reduce
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Box, Pass, WorkUnit
-from beam_downsample.properties import Dataset, DatasetError, Layer, save_properties, with_new_mags
+from beam_downsample.properties import (
+    Dataset,
+    DatasetError,
+    Layer,
+    load_raw_properties,
+    save_properties,
+    with_new_mags,
+)
 from beam_downsample.transforms.downsample import DownsamplePass
-from beam_downsample.work import LevelConfig, PassConfig, is_done
+from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
 
 STATE_DIR = ".beam-downsample"
 WORKER_OVERHEAD_BYTES = 250 << 20
@@ -164,19 +173,27 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     for plan in plans:
         for index, a_pass in enumerate(plan.passes):
             config = plan.configs[index]
-            resuming = os.path.isdir(config.marker_dir)
+            # Only units that finished make an array worth keeping.
+            resuming = os.path.isdir(config.marker_dir) and any(
+                name.endswith(".done") for name in os.listdir(config.marker_dir)
+            )
             os.makedirs(config.marker_dir, exist_ok=True)
             for mag in a_pass.target_mags:
                 spec = io.new_mag_spec(plan.layer, dataset.path, mag)
                 if resuming:
                     try:
                         io.open_array(spec, open=True, create=True)
+                        io.remove_stale_write_locks(spec)
                         continue
                     except ValueError:
                         pass  # different layout: start this mag over
                     shutil.rmtree(config.marker_dir)
                     os.makedirs(config.marker_dir)
                 io.open_array(spec, create=True, delete_existing=True)
+
+
+class UnitFailed(RuntimeError):
+    """A work unit failed; the message is one line naming the unit and why."""
 
 
 class LockError(RuntimeError):
@@ -229,7 +246,7 @@ class LayerLocks:
             if os.path.exists(path):
                 os.unlink(path)
         if self._held:
-            _remove_empty_dirs(os.path.dirname(self._held[0]))
+            _remove_state_dir_if_empty(os.path.dirname(os.path.dirname(self._held[0])))
         self._held = []
 
 
@@ -286,15 +303,18 @@ def run_job(
     pipeline_options,
     report: Callable[[int, int, str], None] = lambda done, total, label: None,
     log: Callable[[str], None] = print,
+    record_failures: bool = False,
 ) -> dict:
     """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata."""
-    raw = dataset.raw
     metrics: dict = {}
     pass_count = max((len(p.passes) for p in plans), default=0)
     for index in range(pass_count):
         active = [p for p in plans if index < len(p.passes)]
         units = [u for p in active for u in p.units[index]]
         configs = [p.configs[index] for p in active]
+        for config in configs:
+            for stale in failures(config):  # an earlier run's failures: these units run again
+                os.unlink(stale)
         done = sum(is_done(c, u) for p, c in zip(active, configs) for u in p.units[index])
         if done:
             log(f"resuming: {done} of {len(units)} work units of pass {index + 1} already done")
@@ -303,35 +323,55 @@ def run_job(
         )
         with Progress(configs, len(units), label, report):
             pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
-            _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(units, configs)
+            _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(units, configs, record_failures)
             result = pipeline.run()
             result.wait_until_finish()
         _collect_metrics(result, metrics)
+        failed = [(config.layer, path) for config in configs for path in failures(config)]
+        if failed:
+            layer, path = failed[0]
+            with open(path, encoding="utf-8") as handle:
+                reason = handle.read().strip()
+            unit = os.path.basename(path)[: -len(".failed")]
+            raise UnitFailed(
+                f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
+            )
         missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
         if missing:
             raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
+        with properties_lock(dataset.path):
+            raw = load_raw_properties(dataset.path)  # another layer's run may have listed its mags
+            for plan in active:
+                raw = with_new_mags(raw, plan.layer.name, list(plan.passes[index].target_mags))
+            save_properties(dataset.path, raw)
         for plan in active:
-            new_mags = list(plan.passes[index].target_mags)
-            raw = with_new_mags(raw, plan.layer.name, new_mags)
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))
             io.update_ngff(
                 os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
             )
-        save_properties(dataset.path, raw)
-    for plan in plans:
-        for config in plan.configs:
-            shutil.rmtree(config.marker_dir, ignore_errors=True)
-    _remove_empty_dirs(os.path.join(dataset.path, STATE_DIR))
+    for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
+        shutil.rmtree(os.path.join(dataset.path, STATE_DIR, plan.layer.name), ignore_errors=True)
     return metrics
 
 
-def _remove_empty_dirs(top: str) -> None:
-    for directory, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass  # not empty: another layer's run or its lock
+@contextlib.contextmanager
+def properties_lock(dataset_path: str):
+    """Serialises read-modify-write of the properties between runs on different layers."""
+    handle = os.open(dataset_path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
+
+
+def _remove_state_dir_if_empty(dataset_path: str) -> None:
+    try:
+        os.rmdir(os.path.join(dataset_path, STATE_DIR))
+    except OSError:
+        pass  # another layer's run still has its lock or markers there
 
 
 def _collect_metrics(result, metrics: dict) -> None:

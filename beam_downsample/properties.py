@@ -152,6 +152,11 @@ def _parse_layer(raw: dict, index: int) -> Layer:
     )
 
 
+def load_raw_properties(path: str) -> dict:
+    with open(os.path.join(path, PROPERTIES_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load_dataset(path: str) -> Dataset:
     """Reads and checks the properties; every problem is one `DatasetError` line."""
     if not os.path.exists(path):

@@ -76,7 +76,25 @@ def replicate_edges(data: np.ndarray, box: Box, region: Box) -> None:
 
 
 def marker_path(config: PassConfig, unit: WorkUnit) -> str:
-    return os.path.join(config.marker_dir, unit.key.replace("/", "__") + ".done")
+    """Named by the box only: the directory names the pass (mags, interpolation),
+    so a rerun that numbers its passes differently still finds its markers."""
+    box = "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop))
+    return os.path.join(config.marker_dir, f"{box}.done")
+
+
+def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
+    """One line saying why the unit failed, for the launcher to report."""
+    message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    path = marker_path(config, unit)[: -len(".done")] + ".failed"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"{type(error).__name__}: {message}\n")
+
+
+def failures(config: PassConfig) -> list[str]:
+    """Failure records of this pass's units, oldest run included."""
+    if not os.path.isdir(config.marker_dir):
+        return []
+    return sorted(os.path.join(config.marker_dir, n) for n in os.listdir(config.marker_dir) if n.endswith(".failed"))
 
 
 def is_done(config: PassConfig, unit: WorkUnit) -> bool:

@@ -159,15 +159,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
-        with job.LayerLocks(dataset, [p.layer.name for p in plans if p.target_mags], log=_warn):
+        with job.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
             job.create_targets(dataset, plans)
             with _ProgressBar() as bar:
-                metrics = job.run_job(dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write)
+                metrics = job.run_job(
+                    dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
+                    record_failures=runners.is_local(runner),
+                )
     except job.LockError as error:
         return _fail(str(error))
     except Exception as error:  # pylint: disable=broad-except
-        print(f"beam-downsample: error: {_root_cause(error)}", file=sys.stderr)
-        print("nothing unfinished was listed in the properties; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"beam-downsample: error: {_root_cause(error)} (only complete mags are listed; "
+            "rerun the same command to resume)",
+            file=sys.stderr,
+        )
         return 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
     print(f"done: {summary}" if summary else "done")
@@ -180,9 +186,9 @@ def _warn(message: str) -> None:
 
 def _root_cause(error: BaseException) -> str:
     """The innermost message of an error that Beam re-raised through its layers."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("File ", "Traceback", "raise ", "^")) and "[while running" not in line:
+    lines = [re.sub(r"\s*\[while running .*\]$", "", line.strip()) for line in str(error).splitlines()]
+    for line in reversed([line for line in lines if line]):
+        if not line.startswith(("File ", "Traceback", "raise ", "^", "return ")):
             return line[:500]
     return type(error).__name__
 

@@ -72,6 +72,11 @@ def split_beam_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return positional, beam_flags
 
 
+def is_local(runner) -> bool:
+    """Our own FnApiRunner strategies (not a runner given with --runner)."""
+    return not isinstance(runner, str)
+
+
 def pipeline_setup(strategy: str, jobs: int, beam_flags: Sequence[str]):
     """(runner, PipelineOptions) for a strategy; `--runner=...` in beam_flags wins."""
     if strategy in NOT_YET:

@@ -6,13 +6,22 @@ through, minus the harmless ones every worker emits.
 """
 
 import logging
+import os
 import sys
 
 _HARMLESS = ("No semi_persistent_directory found", "apitools not found")
 
 
 class _DropHarmless(logging.Filter):
+    """Drops start-up chatter, and Beam's own error tracebacks: a failing unit
+    reaches the launcher as the pipeline's exception, which it prints in one
+    line. BEAM_DOWNSAMPLE_VERBOSE=1 shows everything."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("BEAM_DOWNSAMPLE_VERBOSE") == "1":
+            return True
+        if record.name.startswith("apache_beam") and record.levelno >= logging.ERROR:
+            return False
         return not any(text in record.getMessage() for text in _HARMLESS)
 
 

@@ -17,10 +17,17 @@ class DownsampleUnitFn(beam.DoFn):
 
     Idempotent: a unit whose done-marker exists is skipped, and a retried or
     duplicated unit writes the very same bytes before marking itself done.
+
+    With `record_failures` (our local runners) a failing unit leaves a
+    one-line failure record for the launcher instead of raising: Beam's
+    multi-process FnApiRunner can hang on a failed bundle, and its
+    tracebacks bury the one line that matters (e.g. which chunk is corrupt).
+    Other runners get the exception, so they can retry the bundle.
     """
 
-    def __init__(self, configs: Sequence[work.PassConfig]):
+    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False):
         self._configs = {(c.layer, c.pass_index): c for c in configs}
+        self._record_failures = record_failures
 
     def setup(self) -> None:
         context = ts.Context(io.context_spec())
@@ -33,6 +40,7 @@ class DownsampleUnitFn(beam.DoFn):
         self._skipped = Metrics.counter("beam_downsample", "work_units_already_done")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
         self._written = Metrics.counter("beam_downsample", "voxels_written")
+        self._failed = Metrics.counter("beam_downsample", "work_units_failed")
 
     def process(self, unit: WorkUnit) -> Iterable[str]:
         config = self._configs[(unit.layer, unit.pass_index)]
@@ -41,7 +49,15 @@ class DownsampleUnitFn(beam.DoFn):
             yield unit.key
             return
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
-        stats = work.run_unit(config, unit, source, targets)
+        try:
+            stats = work.run_unit(config, unit, source, targets)
+        except Exception as error:  # pylint: disable=broad-except
+            if not self._record_failures:
+                raise
+            work.record_failure(config, unit, error)
+            self._failed.inc()
+            yield unit.key
+            return
         work.mark_done(config, unit)
         self._units.inc()
         self._read.inc(stats.voxels_read)
@@ -52,15 +68,16 @@ class DownsampleUnitFn(beam.DoFn):
 class DownsamplePass(beam.PTransform):
     """All work units of one pass (any number of layers), spread over workers."""
 
-    def __init__(self, units: Sequence[WorkUnit], configs: Sequence[work.PassConfig]):
+    def __init__(self, units: Sequence[WorkUnit], configs: Sequence[work.PassConfig], record_failures: bool = False):
         super().__init__()
         self._units = list(units)
         self._configs = list(configs)
+        self._record_failures = record_failures
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Units" >> beam.Create(self._units, reshuffle=False)
             | "Spread" >> beam.Reshuffle()
-            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs))
+            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs, self._record_failures))
         )
