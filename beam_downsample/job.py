@@ -37,7 +37,7 @@ from beam_downsample.transforms.downsample import DownsamplePass
 from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
 
 STATE_DIR = ".beam-downsample"
-WORKER_OVERHEAD_BYTES = 250 << 20
+WORKER_OVERHEAD_BYTES = 400 << 20  # interpreter, Beam, tensorstore and its pools
 
 
 @dataclasses.dataclass(frozen=True)

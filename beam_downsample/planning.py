@@ -214,13 +214,15 @@ class UnitBudget:
 
     # A tile in flight holds its data plus the kernels' temporaries.
     TILE_OVERHEAD = 3
+    BUFFER_COPIES = 2
 
     def unit_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> float:
         """Peak bytes of a unit of `shape` source voxels: level buffers plus tiles in flight."""
         voxels = math.prod(shape)
         buffers = sum(voxels / math.prod(factor_between(a_pass.source_mag, m)) for m in a_pass.target_mags)
         tile = max(min(self.tile_voxels, voxels), math.prod(tile_alignment(a_pass)))
-        return (buffers + self.threads * tile * self.TILE_OVERHEAD) * bytes_per_voxel
+        # Level buffers count twice: tensorstore copies what it writes until encoded.
+        return (self.BUFFER_COPIES * buffers + self.threads * tile * self.TILE_OVERHEAD) * bytes_per_voxel
 
 
 def tile_alignment(a_pass: Pass) -> tuple[int, int, int]:
