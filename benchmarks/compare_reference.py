@@ -141,14 +141,6 @@ def _new_mags(before: dict, after_dataset: str) -> dict:
             for layer, mags in after.items()}
 
 
-def _tail(path: str, lines: int = 12) -> str:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return "".join(handle.readlines()[-lines:])
-
-
-def ours_command() -> list[str]:
-    exe = shutil.which("beam-downsample")
-    return [exe] if exe else [sys.executable, "-m", "beam_downsample"]
 
 
 def _verify(reference_output: str, output: str) -> tuple[bool, str]:
@@ -244,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "reference-multiprocessing"))
     for extra in args.ours_args or [""]:
         label = "beam-downsample" + (f" {extra}" if extra else "")
-        runs.append(Run(label, [*ours_command(), "{target}", *shlex.split(extra)], "ours"))
+        runs.append(Run(label, [*refenv.ours_command(), "{target}", *shlex.split(extra)], "ours"))
 
     reference_output = os.path.abspath(args.reference_output) if args.reference_output else None
     reference_wall = None
@@ -265,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"{run.label}: exit {run.exit_code}, {run.wall_seconds:.1f} s, "
                  f"peak {run.peak_tree_rss_bytes / 1e9:.2f} GB")
             if run.exit_code != 0:
-                run.error = _tail(target + ".log", 6).strip()
+                run.error = refenv.tail(target + ".log", 6).strip()
                 print(run.error, file=sys.stderr)
                 status = 1
                 continue

@@ -179,14 +179,6 @@ def _run(cmd: Sequence[str], log_path: str, env: dict | None = None) -> tuple[in
     return code, time.monotonic() - start
 
 
-def _tail(path: str, lines: int = 15) -> str:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return "".join(handle.readlines()[-lines:])
-
-
-def ours_command() -> list[str]:
-    exe = shutil.which("beam-downsample")
-    return [exe] if exe else [sys.executable, "-m", "beam_downsample"]
 
 
 def reference_downsample(dataset: str, flags: Sequence[str], log_path: str) -> tuple[int, float]:
@@ -241,14 +233,14 @@ class BaseDatasets:
         log = os.path.join(folder, "create.log")
         code, seconds = _run([refenv.reference_python(), script, spec_path], log, env=refenv.reference_env())
         if code != 0:
-            return None, f"reference API could not create it (exit {code}): {_tail(log, 5)}"
+            return None, f"reference API could not create it (exit {code}): {refenv.tail(log, 5)}"
         note = f"created in {seconds:.0f} s"
         if case.prepare_flags:
             _log(f"preparing existing mags with the reference: {' '.join(case.prepare_flags)} ...")
             log = os.path.join(folder, "prepare.log")
             code, seconds = reference_downsample(dataset, case.prepare_flags, log)
             if code != 0:
-                return None, f"reference preparation failed (exit {code}): {_tail(log, 5)}"
+                return None, f"reference preparation failed (exit {code}): {refenv.tail(log, 5)}"
             note += f", prepared in {seconds:.0f} s"
         return dataset, note
 
@@ -287,14 +279,14 @@ def run_case(case: Case, bases: BaseDatasets, root: str, ours_args: Sequence[str
     code, result.reference_seconds = reference_downsample(ref_ds, case.flags, os.path.join(folder, "reference.log"))
     if code != 0:
         result.status = "reference-failed"
-        result.note = f"exit {code}: {_tail(os.path.join(folder, 'reference.log'))}"
+        result.note = f"exit {code}: {refenv.tail(os.path.join(folder, 'reference.log'))}"
         return result
-    cmd = [*ours_command(), ours_ds, "--distribution-strategy", "sequential", *case.flags, *ours_args]
+    cmd = [*refenv.ours_command(), ours_ds, "--distribution-strategy", "sequential", *case.flags, *ours_args]
     _log(f"case {case.key}: ours       {shlex.join(cmd[1:])}")
     code, result.ours_seconds = _run(cmd, os.path.join(folder, "ours.log"))
     if code != 0:
         result.status = "ours-failed"
-        result.note = f"exit {code}: {_tail(os.path.join(folder, 'ours.log'))}"
+        result.note = f"exit {code}: {refenv.tail(os.path.join(folder, 'ours.log'))}"
         return result
     _log(f"case {case.key}: comparing")
     comparison = dscompare.compare_datasets(ref_ds, ours_ds)

@@ -18,6 +18,7 @@ datasets). None of its code is copied here.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,19 @@ def reference_env() -> dict:
     env.pop("VIRTUAL_ENV", None)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
+
+
+
+def ours_command() -> list[str]:
+    """How to run beam-downsample: the console script, else the module."""
+    exe = shutil.which("beam-downsample")
+    return [exe] if exe else [sys.executable, "-m", "beam_downsample"]
+
+
+def tail(path: str, lines: int = 12) -> str:
+    """The last lines of a run's log, for error messages."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return "".join(handle.readlines()[-lines:])
 
 
 if __name__ == "__main__":
