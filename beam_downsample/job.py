@@ -24,7 +24,7 @@ import apache_beam as beam
 from beam_downsample import io, planning, reduce
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
-from beam_downsample.planning import Box, Pass, WorkUnit
+from beam_downsample.planning import Pass, WorkUnit
 from beam_downsample.properties import (
     Dataset,
     DatasetError,

@@ -84,11 +84,11 @@ def main() -> None:
                 box = tile.scaled_down(level.factor)
                 buffer[(slice(None),) + tuple(slice(a - w, b - w) for a, b, w in zip(box.start, box.stop, whole.start))] = data
             watch.measure(layer.name, "encode (first level)", lambda: io.write_region(target, whole, buffer).result())
-            del tiles, firsts, buffer
+            tiles = firsts = buffer = None  # free this layer before the next one
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"| layer | stage | wall s | CPU s |\n|---|---|---|---|")
+    print("| layer | stage | wall s | CPU s |\n|---|---|---|---|")
     print(f"| - | imports (numpy, tensorstore, apache_beam) | {import_seconds:.2f} | - |")
     for layer, stage, wall, cpu in watch.rows:
         print(f"| {layer} | {stage} | {wall:.2f} | {cpu:.2f} |")

@@ -32,7 +32,6 @@ from beam_downsample.launch import runners
 from beam_downsample.transforms.downsample import DownsampleUnitFn
 from conftest import PROPERTIES, read_properties, run_cli, tiny_layers, tree_bytes, tree_digest
 from resilience_helpers import (
-    PINNED_CORES,
     kill_group,
     open_unit_arrays,
     outputs,
