@@ -152,11 +152,13 @@ def read_box(array: ts.TensorStore, box: Box, channels: int) -> np.ndarray:
         return read_region(array, box)
     result = np.zeros((channels, *box.shape), dtype=array.dtype.numpy_dtype, order="F")
     if not inside.empty:
-        offset = [a - b for a, b in zip(inside.start, box.start)]
-        result[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, inside.shape))] = read_region(
-            array, inside
-        )
+        result[local_index(inside, box)] = read_region(array, inside)
     return result
+
+
+def local_index(inner: Box, outer: Box) -> tuple:
+    """Index of `inner` within an array (c, x, y, z) that covers `outer`."""
+    return (slice(None),) + tuple(slice(a - o, b - o) for a, b, o in zip(inner.start, inner.stop, outer.start))
 
 
 def region_index(box: Box) -> tuple:

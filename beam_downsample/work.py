@@ -118,10 +118,6 @@ def _level_boxes(config: PassConfig, box: Box) -> list[Box]:
     return boxes
 
 
-def _inner_index(inner: Box, outer: Box) -> tuple:
-    return (slice(None),) + tuple(slice(a - o, b - o) for a, b, o in zip(inner.start, inner.stop, outer.start))
-
-
 def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequence[np.ndarray], unit_levels: Sequence[Box]) -> None:
     """Reduces one tile through every level of the pass into the unit's level buffers."""
     replicate_edges(data, tile, config.source_region)
@@ -129,7 +125,7 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
     for level, buffer, unit_box in zip(config.levels, buffers, unit_levels):
         data = reduce.downsample(data, level.factor, config.interpolation)
         box = box.scaled_down(level.factor)
-        buffer[_inner_index(box, unit_box)] = data
+        buffer[io.local_index(box, unit_box)] = data
         replicate_edges(data, box, level.region)
 
 
@@ -167,7 +163,7 @@ def run_unit(
         written = unit_box.intersect(level.region)
         if written.empty:
             continue
-        pending.append(io.write_region(target, written, buffer[_inner_index(written, unit_box)]))
+        pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)]))
         stats.voxels_written += written.voxels
     for future in pending:
         future.result()

@@ -82,7 +82,7 @@ def main() -> None:
             buffer = np.zeros((layer.num_channels, *whole.shape), dtype=layer.dtype, order="F")
             for tile, data in zip(slabs, firsts):
                 box = tile.scaled_down(level.factor)
-                buffer[(slice(None),) + tuple(slice(a - w, b - w) for a, b, w in zip(box.start, box.stop, whole.start))] = data
+                buffer[io.local_index(box, whole)] = data
             watch.measure(layer.name, "encode (first level)", lambda: io.write_region(target, whole, buffer).result())
             tiles = firsts = buffer = None  # free this layer before the next one
     finally:
