@@ -30,6 +30,7 @@ from beam_downsample.properties import (
     DatasetError,
     Layer,
     load_raw_properties,
+    remove_stale_temp_files,
     save_properties,
     with_new_mags,
 )
@@ -339,18 +340,19 @@ def run_job(
         missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
         if missing:
             raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
-        with properties_lock(dataset.path):
-            raw = load_raw_properties(dataset.path)  # another layer's run may have listed its mags
-            for plan in active:
-                raw = with_new_mags(raw, plan.layer.name, list(plan.passes[index].target_mags))
-            save_properties(dataset.path, raw)
-        for plan in active:
+        for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))
             io.update_ngff(
                 os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
             )
+        with properties_lock(dataset.path):
+            raw = load_raw_properties(dataset.path)  # another layer's run may have listed its mags
+            for plan in active:
+                raw = with_new_mags(raw, plan.layer.name, list(plan.passes[index].target_mags))
+            save_properties(dataset.path, raw)
     for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
+        remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
         shutil.rmtree(os.path.join(dataset.path, STATE_DIR, plan.layer.name), ignore_errors=True)
     return metrics
 

@@ -204,10 +204,13 @@ def with_new_mags(raw: dict, layer_name: str, mags: list[Mag]) -> dict:
     return updated
 
 
+TEMP_PREFIX = ".beam-downsample-tmp-"
+
+
 def write_json_atomically(path: str, content: dict, indent: int | None = 4) -> None:
     """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    handle, temp_path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=directory)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(content, out, indent=indent)
@@ -229,5 +232,18 @@ def write_json_atomically(path: str, content: dict, indent: int | None = 4) -> N
         os.close(dir_fd)
 
 
+def remove_stale_temp_files(directory: str) -> None:
+    """A run killed between mkstemp and rename leaves its temp file; the caller holds the lock."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX) and name.endswith(".json"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
 def save_properties(dataset_path: str, raw: dict) -> None:
+    remove_stale_temp_files(dataset_path)
     write_json_atomically(os.path.join(dataset_path, PROPERTIES_FILE), raw)

@@ -27,7 +27,7 @@ import pytest
 
 from beam_downsample import demo, io, job, work
 from beam_downsample.mags import mag_name, parse_mag
-from beam_downsample.properties import load_dataset
+from beam_downsample.properties import TEMP_PREFIX, load_dataset
 from beam_downsample.launch import runners
 from beam_downsample.transforms.downsample import DownsampleUnitFn
 from conftest import PROPERTIES, read_properties, run_cli, tiny_layers, tree_bytes, tree_digest
@@ -618,6 +618,18 @@ def test_lock_stale_is_taken_over(tiny_base, tiny_clean, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"removing stale lock {lock} (pid {dead} is gone)" in result.stderr
     assert tree_digest(target) == tiny_clean.digest  # the lock and .beam-downsample are gone too
+
+
+def test_temp_json_of_a_killed_run_is_removed_by_the_rerun(tiny_base, tiny_clean, tmp_path):
+    """A kill between mkstemp and rename leaves a temp file next to the properties or a layer's zarr.json."""
+    target = copy_dataset(tiny_base, tmp_path / "ds")
+    leftovers = [target / f"{TEMP_PREFIX}killed.json"] + [
+        target / layer / f"{TEMP_PREFIX}killed.json" for layer in ("color", "segmentation")]
+    for path in leftovers:
+        path.write_text('{"half": ')
+    result = run_cli(target, *SEQUENTIAL)
+    assert result.returncode == 0, result.stderr
+    assert diff_digests(tree_digest(target), tiny_clean.digest) == []
 
 
 @pytest.mark.parametrize("holder", ["live pid on this host", "pid on another host"])
