@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -252,3 +253,17 @@ def test_normpath_keeps_the_gs_scheme():
     assert storage.normpath("gs://bucket/") == "gs://bucket"
     assert properties.resolve_path("gs://bucket/ds", "./color/2-2-1") == "gs://bucket/ds/color/2-2-1"
     assert os.path.basename(storage.normpath("gs://bucket/ds/")) == "ds"
+
+
+def test_gcs_without_credentials_fails_with_one_line(tmp_path):
+    """No emulator and broken Application Default Credentials: one line naming the problem."""
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"), CLOUDSDK_CONFIG=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "beam_downsample", "gs://some-bucket/ds"], capture_output=True, text=True, env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("beam-downsample: error: TARGET 'gs://some-bucket/ds' cannot be read: ")
+    assert "missing.json" in line
