@@ -145,16 +145,22 @@ def check_source_array(layer: Layer, dataset_path: str, mag: Mag) -> None:
         )
 
 
-def read_box(array: ts.TensorStore, box: Box, channels: int) -> np.ndarray:
-    """Reads `box` (c, x, y, z); parts outside the array's domain read as fill value 0."""
+def read_box(array: ts.TensorStore, box: Box, channels: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads `box` (c, x, y, z); parts outside the array's domain read as fill value 0.
+
+    `out` (Fortran order, the box's shape) is filled instead of a new array:
+    a reused buffer saves the page faults of fresh memory (a third of the
+    decode's CPU time on the bench).
+    """
     domain = Box(tuple(array.domain.inclusive_min[1:]), tuple(array.domain.exclusive_max[1:]))
     inside = box.intersect(domain)
-    if inside.start == box.start and inside.stop == box.stop:
-        return read_region(array, box)
-    result = np.zeros((channels, *box.shape), dtype=array.dtype.numpy_dtype, order="F")
+    if out is None:
+        out = np.empty((channels, *box.shape), dtype=array.dtype.numpy_dtype, order="F")
+    if inside.start != box.start or inside.stop != box.stop:
+        out.fill(0)
     if not inside.empty:
-        result[local_index(inside, box)] = read_region(array, inside)
-    return result
+        read_region(array, inside, out[local_index(inside, box)])
+    return out
 
 
 def local_index(inner: Box, outer: Box) -> tuple:
@@ -166,8 +172,11 @@ def region_index(box: Box) -> tuple:
     return (slice(None),) + tuple(slice(a, b) for a, b in zip(box.start, box.stop))
 
 
-def read_region(array: ts.TensorStore, box: Box) -> np.ndarray:
-    return array[region_index(box)].read(order="F").result()
+def read_region(array: ts.TensorStore, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        return array[region_index(box)].read(order="F").result()
+    ts.array(out, copy=False, write=True).write(array[region_index(box)].translate_to[0, 0, 0, 0]).result()
+    return out
 
 
 def write_region(array: ts.TensorStore, box: Box, data: np.ndarray) -> ts.Future:
