@@ -225,6 +225,9 @@ class LayerLocks:
         for _ in range(2):
             if not storage.create_exclusive(path, content):
                 holder = _read_lock(path)
+                if holder == json.loads(content):  # ours: a retried GCS create whose first try got through
+                    self._held.append(path)
+                    return
                 if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
                     self._log(f"removing stale lock {path} (pid {holder.get('pid')} is gone)")
                     storage.delete(path)

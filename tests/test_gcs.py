@@ -267,3 +267,20 @@ def test_gcs_without_credentials_fails_with_one_line(tmp_path):
     (line,) = error_lines(result.stderr)
     assert line.startswith("beam-downsample: error: TARGET 'gs://some-bucket/ds' cannot be read: ")
     assert "missing.json" in line
+
+
+def test_gcs_lock_whose_create_was_retried_after_getting_through_is_ours(emulator, local_dataset, monkeypatch):
+    """google-cloud-storage retries a create whose response was lost; the retry then
+    fails its precondition on our own lock, which must count as acquired."""
+    url = upload(local_dataset, "retried-lock")
+    real_create = storage._Gcs.create_exclusive  # pylint: disable=protected-access
+
+    def response_lost(path: str, text: str) -> bool:
+        assert real_create(path, text)
+        return real_create(path, text)  # what the retry sees: False
+
+    monkeypatch.setattr(storage._Gcs, "create_exclusive", staticmethod(response_lost))  # pylint: disable=protected-access
+    lock = f"{url}/.beam-downsample/color.lock"
+    with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
+        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+    assert not storage.exists(lock)
