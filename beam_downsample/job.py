@@ -8,12 +8,10 @@ listed in the properties right away (a crash later loses nothing).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
+import functools
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -21,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, planning, reduce
+from beam_downsample import io, planning, reduce, storage
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -29,9 +27,8 @@ from beam_downsample.properties import (
     Dataset,
     DatasetError,
     Layer,
-    load_raw_properties,
     remove_stale_temp_files,
-    save_properties,
+    update_properties,
     with_new_mags,
 )
 from beam_downsample.transforms.downsample import DownsamplePass
@@ -73,7 +70,10 @@ def unit_budget(options: JobOptions) -> planning.UnitBudget:
 
 
 def check_writable(dataset_path: str, layer_names: Sequence[str]) -> None:
-    """The properties and every layer directory must be writable before we start."""
+    """The properties and every layer directory must be writable before we start.
+
+    On GCS, permissions show only when writing: the lock is the first write.
+    """
     for path in [dataset_path] + [os.path.join(dataset_path, name) for name in layer_names]:
         if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
             raise DatasetError(f"{path} is not writable: new mags and the properties cannot be written")
@@ -175,10 +175,8 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
         for index, a_pass in enumerate(plan.passes):
             config = plan.configs[index]
             # Only units that finished make an array worth keeping.
-            resuming = os.path.isdir(config.marker_dir) and any(
-                name.endswith(".done") for name in os.listdir(config.marker_dir)
-            )
-            os.makedirs(config.marker_dir, exist_ok=True)
+            resuming = any(name.endswith(".done") for name in storage.list_names(config.marker_dir))
+            storage.makedirs(config.marker_dir)
             for mag in a_pass.target_mags:
                 spec = io.new_mag_spec(plan.layer, dataset.path, mag)
                 if resuming:
@@ -188,8 +186,8 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
                         continue
                     except ValueError:
                         pass  # different layout: start this mag over
-                    shutil.rmtree(config.marker_dir)
-                    os.makedirs(config.marker_dir)
+                    storage.delete_tree(config.marker_dir)
+                    storage.makedirs(config.marker_dir)
                 io.open_array(spec, create=True, delete_existing=True)
 
 
@@ -222,39 +220,36 @@ class LayerLocks:
         return self
 
     def _acquire(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.makedirs(os.path.dirname(path))
         content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         for _ in range(2):
-            try:
-                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(path, content):
                 holder = _read_lock(path)
+                if holder == json.loads(content):  # ours: a retried GCS create whose first try got through
+                    self._held.append(path)
+                    return
                 if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
                     self._log(f"removing stale lock {path} (pid {holder.get('pid')} is gone)")
-                    os.unlink(path)
+                    storage.delete(path)
                     continue
                 raise LockError(
                     f"layer {os.path.basename(path)[:-5]!r} is being downsampled by pid {holder.get('pid')} on "
                     f"{holder.get('host')} (lock {path}); if that run is gone, delete the lock file"
-                ) from None
-            with os.fdopen(handle, "w") as out:
-                out.write(content)
+                )
             self._held.append(path)
             return
 
     def __exit__(self, *exc):
         for path in self._held:
-            if os.path.exists(path):
-                os.unlink(path)
+            storage.delete(path)
         if self._held:
-            _remove_state_dir_if_empty(os.path.dirname(os.path.dirname(self._held[0])))
+            storage.remove_dir_if_empty(os.path.dirname(self._held[0]))
         self._held = []
 
 
 def _read_lock(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return json.loads(storage.read_text(path) or "{}")
     except (OSError, ValueError):
         return {}
 
@@ -272,19 +267,23 @@ def _pid_alive(pid) -> bool:
 
 
 class Progress:
-    """Counts done-markers in the background: works for every runner on a shared disk."""
+    """Counts done-markers in the background: works for every runner on a shared disk or GCS.
+
+    On GCS each count is a listing (a request per 1,000 markers), so it polls less often.
+    """
 
     def __init__(self, configs: Sequence[PassConfig], total: int, label: str, report: Callable[[int, int, str], None]):
         self._dirs = [c.marker_dir for c in configs]
+        self._interval = 5.0 if any(storage.is_gcs(d) for d in self._dirs) else 0.5
         self._total, self._label, self._report = total, label, report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def count(self) -> int:
-        return sum(len([n for n in os.listdir(d) if n.endswith(".done")]) for d in self._dirs if os.path.isdir(d))
+        return sum(len([n for n in storage.list_names(d) if n.endswith(".done")]) for d in self._dirs)
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self._interval):
             self._report(self.count(), self._total, self._label)
 
     def __enter__(self):
@@ -315,7 +314,7 @@ def run_job(
         configs = [p.configs[index] for p in active]
         for config in configs:
             for stale in failures(config):  # an earlier run's failures: these units run again
-                os.unlink(stale)
+                storage.delete(stale)
         done = sum(is_done(c, u) for p, c in zip(active, configs) for u in p.units[index])
         if done:
             log(f"resuming: {done} of {len(units)} work units of pass {index + 1} already done")
@@ -331,8 +330,7 @@ def run_job(
         failed = [(config.layer, path) for config in configs for path in failures(config)]
         if failed:
             layer, path = failed[0]
-            with open(path, encoding="utf-8") as handle:
-                reason = handle.read().strip()
+            reason = (storage.read_text(path) or "").strip()
             unit = os.path.basename(path)[: -len(".failed")]
             raise UnitFailed(
                 f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
@@ -346,34 +344,18 @@ def run_job(
             io.update_ngff(
                 os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
             )
-        with properties_lock(dataset.path):
-            raw = load_raw_properties(dataset.path)  # another layer's run may have listed its mags
-            for plan in active:
-                raw = with_new_mags(raw, plan.layer.name, list(plan.passes[index].target_mags))
-            save_properties(dataset.path, raw)
+        # Applied to the current properties: another layer's run may have listed its mags.
+        update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
     for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
         remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
-        shutil.rmtree(os.path.join(dataset.path, STATE_DIR, plan.layer.name), ignore_errors=True)
+        storage.delete_tree(os.path.join(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
 
 
-@contextlib.contextmanager
-def properties_lock(dataset_path: str):
-    """Serialises read-modify-write of the properties between runs on different layers."""
-    handle = os.open(dataset_path, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        os.close(handle)
-
-
-def _remove_state_dir_if_empty(dataset_path: str) -> None:
-    try:
-        os.rmdir(os.path.join(dataset_path, STATE_DIR))
-    except OSError:
-        pass  # another layer's run still has its lock or markers there
+def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:
+    for plan in plans:
+        raw = with_new_mags(raw, plan.layer.name, list(plan.passes[index].target_mags))
+    return raw
 
 
 def _collect_metrics(result, metrics: dict) -> None:

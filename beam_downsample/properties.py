@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from beam_downsample import storage
 from beam_downsample.mags import Mag, MagError, mag_name, parse_mag, sort_mags
 from beam_downsample.planning import Box
+from beam_downsample.storage import TEMP_PREFIX, remove_stale_temp_files, write_json_atomically  # noqa: F401
 
 PROPERTIES_FILE = "datasource-properties.json"
 
@@ -98,7 +99,7 @@ class Dataset:
 def resolve_path(dataset_path: str, mag_path: str) -> str:
     if "://" in mag_path or os.path.isabs(mag_path):
         return mag_path
-    return os.path.normpath(os.path.join(dataset_path, mag_path))
+    return storage.normpath(os.path.join(dataset_path, mag_path))
 
 
 def _require(mapping: dict, key: str, where: str) -> Any:
@@ -153,12 +154,13 @@ def _parse_layer(raw: dict, index: int) -> Layer:
 
 
 def load_raw_properties(path: str) -> dict:
-    with open(os.path.join(path, PROPERTIES_FILE), encoding="utf-8") as handle:
-        return json.load(handle)
+    return storage.read_json(os.path.join(path, PROPERTIES_FILE))
 
 
-def load_dataset(path: str) -> Dataset:
-    """Reads and checks the properties; every problem is one `DatasetError` line."""
+def _read_properties_text(path: str) -> tuple[str, str]:
+    """(where, text) of the properties; DatasetError if TARGET is no dataset."""
+    if storage.is_gcs(path):
+        return _read_gcs_properties(path)
     if not os.path.exists(path):
         raise DatasetError(f"TARGET {path!r} does not exist")
     if not os.path.isdir(path):
@@ -166,9 +168,38 @@ def load_dataset(path: str) -> Dataset:
     properties_path = os.path.join(path, PROPERTIES_FILE)
     if not os.path.isfile(properties_path):
         raise DatasetError(f"TARGET {path!r} has no {PROPERTIES_FILE}; is it a WEBKNOSSOS dataset?")
+    with open(properties_path, encoding="utf-8") as handle:
+        return properties_path, handle.read()
+
+
+def _read_gcs_properties(url: str) -> tuple[str, str]:
+    """Like the local checks, one line each: no bucket, no properties, no access."""
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.auth import exceptions as auth_exceptions  # pylint: disable=import-outside-toplevel
+
+    bucket, _ = storage.split_gcs(url)
+    if not bucket:
+        raise DatasetError(f"TARGET {url!r} names no bucket (expected gs://bucket/path)")
+    properties_url = f"{url}/{PROPERTIES_FILE}"
     try:
-        with open(properties_path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+        text = storage.read_text(properties_url)
+        if text is None and storage.gcs_client().lookup_bucket(bucket) is None:
+            raise DatasetError(f"TARGET {url!r}: bucket {bucket!r} does not exist")
+    except (exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetError(f"TARGET {url!r} cannot be read: {first_line}") from None
+    if text is None:
+        raise DatasetError(f"TARGET {url!r} has no {PROPERTIES_FILE}; is it a WEBKNOSSOS dataset?")
+    return properties_url, text
+
+
+def load_dataset(path: str) -> Dataset:
+    """Reads and checks the properties; every problem is one `DatasetError` line."""
+    if storage.is_gcs(path):
+        path = storage.normpath(path)
+    properties_path, text = _read_properties_text(path)
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as error:
         raise DatasetError(f"{properties_path} is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
@@ -204,46 +235,11 @@ def with_new_mags(raw: dict, layer_name: str, mags: list[Mag]) -> dict:
     return updated
 
 
-TEMP_PREFIX = ".beam-downsample-tmp-"
-
-
-def write_json_atomically(path: str, content: dict, indent: int | None = 4) -> None:
-    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(content, out, indent=indent)
-            out.flush()
-            os.fsync(out.fileno())
-        if os.path.exists(path):
-            os.chmod(temp_path, os.stat(path).st_mode & 0o777)
-        else:
-            os.chmod(temp_path, 0o644)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temp_files(directory: str) -> None:
-    """A run killed between mkstemp and rename leaves its temp file; the caller holds the lock."""
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if name.startswith(TEMP_PREFIX) and name.endswith(".json"):
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-
-
 def save_properties(dataset_path: str, raw: dict) -> None:
     remove_stale_temp_files(dataset_path)
     write_json_atomically(os.path.join(dataset_path, PROPERTIES_FILE), raw)
+
+
+def update_properties(dataset_path: str, change: Callable[[dict], dict]) -> dict:
+    """Read-modify-write of the properties, safe against a concurrent run on another layer."""
+    return storage.update_json(os.path.join(dataset_path, PROPERTIES_FILE), change)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, planning, reduce
+from beam_downsample import io, planning, reduce, storage
 from beam_downsample.mags import Mag
 from beam_downsample.planning import Box, WorkUnit
 
@@ -118,28 +118,22 @@ def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> 
     """One line saying why the unit failed, for the launcher to report."""
     message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     path = marker_path(config, unit)[: -len(".done")] + ".failed"
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(f"{type(error).__name__}: {message}\n")
+    storage.write_text(path, f"{type(error).__name__}: {message}\n")
 
 
 def failures(config: PassConfig) -> list[str]:
     """Failure records of this pass's units, oldest run included."""
-    if not os.path.isdir(config.marker_dir):
-        return []
-    return sorted(os.path.join(config.marker_dir, n) for n in os.listdir(config.marker_dir) if n.endswith(".failed"))
+    names = storage.list_names(config.marker_dir)
+    return sorted(os.path.join(config.marker_dir, n) for n in names if n.endswith(".failed"))
 
 
 def is_done(config: PassConfig, unit: WorkUnit) -> bool:
-    return os.path.exists(marker_path(config, unit))
+    return storage.exists(marker_path(config, unit))
 
 
 def mark_done(config: PassConfig, unit: WorkUnit) -> None:
-    """Written only after every level of the unit is on disk; creation is atomic."""
-    path = marker_path(config, unit)
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write("done\n")
-    os.replace(temp, path)
+    """Written only after every level of the unit is stored; creation is atomic."""
+    storage.write_text(marker_path(config, unit), "done\n")
 
 
 def _level_boxes(config: PassConfig, box: Box) -> list[Box]:

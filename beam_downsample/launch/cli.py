@@ -57,7 +57,8 @@ flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching th
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
 
 Downsamples a WEBKNOSSOS dataset (zarr3) into a mag pyramid, voxel-identical to
-`webknossos downsample`, as an Apache Beam pipeline.
+`webknossos downsample`, as an Apache Beam pipeline. TARGET is a directory or
+gs://bucket/path (Application Default Credentials; STORAGE_EMULATOR_HOST for an emulator).
 """
 
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     try:
         if not target_candidates:
-            raise runners.UsageError("missing TARGET (the dataset directory); see --help")
+            raise runners.UsageError("missing TARGET (the dataset directory or gs://bucket/path); see --help")
         if len(target_candidates) > 1:
             raise runners.UsageError(f"expected one TARGET, got {len(target_candidates)}: {' '.join(target_candidates)}")
         target = target_candidates[0]

