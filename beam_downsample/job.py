@@ -165,7 +165,7 @@ def describe(plans: Sequence[LayerPlan]) -> str:
             continue
         passes = "; ".join(
             f"pass {i + 1}: {mag_name(p.source_mag)} -> {', '.join(mag_name(m) for m in p.target_mags)} "
-            f"in {len(units)} work units of up to {_unit_memory(plan, i) / (1 << 20):.0f} MiB"
+            f"in {len(units)} work units of up to {_unit_memory(plan, i) / (1 << 20):.1f} MiB"
             for i, (p, units) in enumerate(zip(plan.passes, plan.units))
         )
         lines.append(f"{plan.layer.name}: {passes}")
