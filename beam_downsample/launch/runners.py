@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -197,7 +198,7 @@ def plan_engine(
 def _register_dask_options() -> None:
     """Beam knows the --dask_* flags only once the DaskRunner module is imported (it needs dask)."""
     try:
-        import beam_downsample.launch.dask_runner  # noqa: F401 pylint: disable=import-outside-toplevel,unused-import
+        importlib.import_module("beam_downsample.launch.dask_runner")
     except ImportError:
         pass  # the flags stay unknown; the dask strategies say which extra to install
 
