@@ -212,15 +212,14 @@ def _dask_engine(strategy, jobs, flags, given, resources, memory_budget, dask_sc
     overrides = {} if given.get("npartitions") or given.get("partition_size") else {"partition_size": 1}
     workers = jobs or available_cores()
     memory, cores = clusters.worker_size(strategy, resources)
-    if strategy == "dask" and dask_scheduler is None:
-        cluster, memory = clusters.LocalDask(workers), None  # workers on this machine: the local formula
-    elif strategy == "dask":
-        cluster, memory = clusters.ExistingDask(dask_scheduler), memory_budget
+    if strategy == "dask":
+        cluster = clusters.ExistingDask(dask_scheduler) if dask_scheduler else clusters.LocalDask(workers)
+        memory = memory_budget if dask_scheduler else None  # a LocalCluster shares this machine: the local formula
     elif strategy == "slurm":
         cluster = clusters.Slurm(clusters.slurm_settings(resources, memory_budget), workers)
+        memory = memory or memory_budget
     else:
         cluster = clusters.Kubernetes(clusters.kubernetes_settings(resources), workers)
-    if strategy != "dask":
         memory = memory or memory_budget
     return Engine(strategy, None, flags, overrides, record_failures=True, summary="engine: Beam DaskRunner",
                   cluster=cluster, worker_memory=memory, worker_cores=cores)
