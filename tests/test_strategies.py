@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -208,6 +209,37 @@ def test_dask_cluster_closed_when_interrupted():
             assert dask_processes()
             raise KeyboardInterrupt
     assert not wait_gone()
+
+
+def test_ctrl_c_is_deferred_to_the_passes_checkpoints():
+    """Inside a dask run Ctrl-C sets a flag (dask would swallow a KeyboardInterrupt raised in its callbacks)."""
+    from beam_downsample.launch.dask_runner import deferred_interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    with deferred_interrupts() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_interrupted_pass_cancels_its_units_and_closes_its_client():
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from beam_downsample.launch.dask_runner import ClientClosingResult
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        client = Client(cluster.scheduler_address)
+        busy = client.submit(time.sleep, 60)
+        interrupted = threading.Event()
+        threading.Timer(0.5, interrupted.set).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            ClientClosingResult(client, [busy], interrupted).wait_until_finish()
+        assert time.monotonic() - start < 10
+        assert busy.cancelled() and client.status == "closed"
 
 
 def test_dask_failing_unit_one_line_and_cluster_closed(make_dataset, capsys):

@@ -169,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     except job.LockError as error:
         return _fail(str(error))
+    except KeyboardInterrupt:
+        print("beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
     except Exception as error:  # pylint: disable=broad-except
         print(
             f"beam-downsample: error: {_root_cause(error)} (only complete mags are listed; "

@@ -200,7 +200,7 @@ class LocalDask(Cluster):
 
         cluster = LocalCluster(
             n_workers=self.workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR,
+            dashboard_address=None, silence_logs=logging.ERROR, preload=["beam_downsample.launch.worker"],
         )
         with contextlib.closing(cluster):
             yield cluster.scheduler_address

@@ -141,10 +141,13 @@ class Engine:
         if self.cluster is None:
             yield self.runner, self.options
             return
-        from beam_downsample.launch.dask_runner import ClosingDaskRunner  # pylint: disable=import-outside-toplevel
+        # pylint: disable-next=import-outside-toplevel
+        from beam_downsample.launch.dask_runner import ClosingDaskRunner, deferred_interrupts
 
-        with self.cluster.started() as address:
-            yield ClosingDaskRunner(), PipelineOptions(self.flags, address=address, **self.overrides)
+        with deferred_interrupts() as interrupted, self.cluster.started() as address:
+            if interrupted.is_set():  # Ctrl-C while the cluster started
+                raise KeyboardInterrupt
+            yield ClosingDaskRunner(interrupted), PipelineOptions(self.flags, address=address, **self.overrides)
 
 
 def plan_engine(
