@@ -165,10 +165,13 @@ def test_missing_extra_names_it(tiny_dataset, capsys, monkeypatch):
     ("kubernetes", "mem=2Gi,cpu=2,image=me/bd:1", ['"kind": "DaskCluster"', '"memory": "2Gi"', '"cpu": "2"',
                                                    '"image": "me/bd:1"']),
     ("dask", None, ["LocalCluster of 3 worker processes"]),
+    ("flink", None, ["FlinkRunner", "flink_master=h:8081", "parallelism=3", "setup_file="]),
 ])
 def test_dry_run_prints_the_plan_and_what_would_be_submitted(tiny_dataset, capsys, strategy, resources, needles):
     before = tree_digest(tiny_dataset.parent)
     args = ["--distribution-strategy", strategy, "--jobs", "3", "--dry-run"]
+    if strategy == "flink":
+        args.append("--flink_master=h:8081")
     assert run(tiny_dataset, *args, *(["--job-resources", resources] if resources else [])) == 0
     out = capsys.readouterr().out
     assert "color: pass 1:" in out and "MiB" in out
