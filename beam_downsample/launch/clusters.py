@@ -1,0 +1,262 @@
+"""Dask clusters for the dask, slurm and kubernetes strategies.
+
+The mapping from `--job-resources` to each engine's own settings is kept in
+pure functions; the optional packages (dask.distributed, dask-jobqueue,
+dask-kubernetes) are imported only when a cluster is described or started,
+so that a missing extra is one line naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import math
+import re
+import uuid
+from typing import Iterator, Optional
+
+from beam_downsample.launch.errors import UsageError
+
+EXTRA_MODULES = {
+    "dask": ("distributed",),
+    "slurm": ("distributed", "dask_jobqueue"),
+    "kubernetes": ("distributed", "dask_kubernetes.operator"),
+    "gcp": ("apache_beam.runners.dataflow.internal.apiclient",),
+}
+STRATEGY_EXTRA = {"dask": "dask", "slurm": "slurm", "kubernetes": "kubernetes", "dataflow": "gcp"}
+
+SLURM_NAMED = {"mem": "memory", "cpus": "job_cpu", "cpus-per-task": "job_cpu", "time": "walltime",
+               "partition": "queue", "account": "account"}
+KUBERNETES_KEYS = ("mem", "cpu", "image", "namespace")
+
+
+def require_extra(strategy: str) -> None:
+    """Raises UsageError naming the pip extra when a strategy's packages are missing."""
+    extra = STRATEGY_EXTRA.get(strategy)
+    if extra is None:
+        return
+    for module in EXTRA_MODULES[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UsageError(
+                f"--distribution-strategy {strategy} needs the {extra!r} extra: "
+                f"pip install 'beam-downsample[{extra}]'"
+            ) from None
+
+
+def parse_memory(text, decimal_units: bool = False) -> int:
+    """Bytes of a memory size: 10M, 4G, 4GB, 4Gi, or plain bytes.
+
+    SLURM's K/M/G/T are powers of 1024; Kubernetes' (`decimal_units`) are
+    powers of 1000 and only Ki/Mi/Gi/Ti are binary.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not match:
+        raise UsageError(f"--job-resources: {text!r} is not a memory size like 4G or 4Gi")
+    power = " kmgt".index(match.group(2).lower() or " ")
+    base = 1000 if decimal_units and not match.group(3) else 1024
+    return int(float(match.group(1)) * base**power)
+
+
+# ---------------------------------------------------------------------------
+# job resources -> engine settings (pure)
+
+
+def slurm_settings(resources: dict, default_memory: int) -> dict:
+    """SLURMCluster keyword arguments for `--job-resources`.
+
+    Each SLURM job runs one dask worker with one thread, so it works on one
+    unit at a time and the unit may use the whole job: `cpus` books the job's
+    CPUs (the unit's tile threads), `mem` is the job's memory and the
+    worker's memory limit. Any other key becomes `#SBATCH --key=value`.
+    """
+    settings: dict = {"cores": 1, "processes": 1, "job_name": "beam-downsample", "memory": None,
+                      "job_extra_directives": []}
+    for key, value in resources.items():
+        name = SLURM_NAMED.get(key.replace("_", "-"))
+        if name == "job_cpu":
+            settings[name] = _positive_int(key, value)
+        elif name:
+            settings[name] = str(value)
+        elif value is True or value == "":
+            settings["job_extra_directives"].append(f"--{key}")
+        else:
+            settings["job_extra_directives"].append(f"--{key}={value}")
+    if settings["memory"] is None:
+        settings["memory"] = f"{default_memory // (1 << 20)}MiB"
+    else:
+        settings["memory"] = f"{parse_memory(settings['memory']) // (1 << 20)}MiB"
+    return settings
+
+
+def kubernetes_settings(resources: dict) -> dict:
+    """make_cluster_spec arguments and the namespace for `--job-resources`.
+
+    `mem` and `cpu` become the pods' requests and limits (Kubernetes
+    quantities, e.g. 4Gi, 500m); `image` must hold beam-downsample; each
+    worker runs one unit at a time.
+    """
+    unknown = sorted(set(resources) - set(KUBERNETES_KEYS))
+    if unknown:
+        raise UsageError(
+            f"--job-resources: unknown key(s) {', '.join(unknown)} for kubernetes (known: {', '.join(KUBERNETES_KEYS)})"
+        )
+    if not resources.get("image"):
+        raise UsageError("--job-resources: kubernetes needs image=... (a container image with beam-downsample installed)")
+    quantities = {}
+    if "mem" in resources:
+        parse_memory(resources["mem"], decimal_units=True)  # refuse what is no memory size
+        quantities["memory"] = str(resources["mem"])
+    if "cpu" in resources:
+        _cpu_count(resources["cpu"])
+        quantities["cpu"] = str(resources["cpu"])
+    worker_command = "dask-worker --nthreads 1"
+    if "mem" in resources:
+        worker_command += f" --memory-limit {parse_memory(resources['mem'], decimal_units=True)}"
+    return {
+        "image": str(resources["image"]),
+        "namespace": str(resources.get("namespace", "default")),
+        "resources": {"requests": dict(quantities), "limits": dict(quantities)} if quantities else None,
+        "worker_command": worker_command,
+    }
+
+
+def worker_size(strategy: str, resources: Optional[dict]) -> tuple[Optional[int], Optional[int]]:
+    """(memory bytes, cores) of one cluster worker as the job resources give them, else None."""
+    resources = resources or {}
+    if strategy == "slurm":
+        cpus = resources.get("cpus", resources.get("cpus-per-task", resources.get("cpus_per_task")))
+        return (parse_memory(resources["mem"]) if "mem" in resources else None,
+                _positive_int("cpus", cpus) if cpus is not None else None)
+    if strategy == "kubernetes":
+        return (parse_memory(resources["mem"], decimal_units=True) if "mem" in resources else None,
+                _cpu_count(resources["cpu"]) if "cpu" in resources else None)
+    return None, None
+
+
+def _positive_int(key: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise UsageError(f"--job-resources: {key} must be a positive whole number, got {value!r}")
+    return number
+
+
+def _cpu_count(value) -> int:
+    """Whole cores of a Kubernetes CPU quantity (2, 1.5, 500m), at least 1."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m?)", text)
+    if not match:
+        raise UsageError(f"--job-resources: cpu {value!r} is not a Kubernetes CPU quantity like 2 or 500m")
+    cores = float(match.group(1)) / (1000 if match.group(2) else 1)
+    return max(math.ceil(cores), 1)
+
+
+# ---------------------------------------------------------------------------
+# clusters
+
+
+class Cluster:
+    """A dask cluster to start for the run: `describe()` for --dry-run, `started()` for the run."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[str]:
+        """Yields the scheduler address; the cluster is closed on exit, also on errors and Ctrl-C."""
+        raise NotImplementedError
+
+
+class ExistingDask(Cluster):
+    def __init__(self, address: str):
+        self.address = address
+
+    def describe(self) -> str:
+        return f"dask: existing scheduler {self.address}"
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[str]:
+        yield self.address
+
+
+class LocalDask(Cluster):
+    """A dask.distributed LocalCluster of `workers` processes with one thread each."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def describe(self) -> str:
+        return f"dask: LocalCluster of {self.workers} worker processes, 1 thread each"
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[str]:
+        from distributed import LocalCluster  # pylint: disable=import-outside-toplevel
+
+        cluster = LocalCluster(
+            n_workers=self.workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR, preload=["beam_downsample.launch.worker"],
+        )
+        with contextlib.closing(cluster):
+            yield cluster.scheduler_address
+
+
+class Slurm(Cluster):
+    """A dask-jobqueue SLURMCluster scaled to `jobs` SLURM jobs."""
+
+    def __init__(self, settings: dict, jobs: int):
+        self.settings = settings
+        self.jobs = jobs
+
+    def job_script(self) -> str:
+        """The script each job is submitted with, built by dask-jobqueue without starting a scheduler."""
+        from dask_jobqueue import SLURMCluster  # pylint: disable=import-outside-toplevel
+
+        job = SLURMCluster.job_cls("tcp://<scheduler-address>:8786", name="dummy-name", **self.settings)
+        return job.job_script()
+
+    def describe(self) -> str:
+        return f"slurm: {self.jobs} job(s) of this script (sbatch):\n{self.job_script()}"
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[str]:
+        from dask_jobqueue import SLURMCluster  # pylint: disable=import-outside-toplevel
+
+        with contextlib.closing(SLURMCluster(**self.settings)) as cluster:
+            cluster.scale(jobs=self.jobs)
+            yield cluster.scheduler_address
+
+
+class Kubernetes(Cluster):
+    """A DaskCluster resource for the dask-kubernetes operator with `workers` worker pods."""
+
+    def __init__(self, settings: dict, workers: int, name: Optional[str] = None):
+        self.settings = settings
+        self.workers = workers
+        self.name = name or f"beam-downsample-{uuid.uuid4().hex[:8]}"
+
+    def spec(self) -> dict:
+        from dask_kubernetes.operator import make_cluster_spec  # pylint: disable=import-outside-toplevel
+
+        return make_cluster_spec(
+            name=self.name, image=self.settings["image"], n_workers=self.workers,
+            resources=self.settings["resources"], worker_command=self.settings["worker_command"],
+        )
+
+    def describe(self) -> str:
+        return (f"kubernetes: DaskCluster in namespace {self.settings['namespace']} "
+                f"(dask-kubernetes operator):\n{json.dumps(self.spec(), indent=2)}")
+
+    @contextlib.contextmanager
+    def started(self) -> Iterator[str]:
+        from dask_kubernetes.operator import KubeCluster  # pylint: disable=import-outside-toplevel
+
+        cluster = KubeCluster(custom_cluster_spec=self.spec(), namespace=self.settings["namespace"],
+                              shutdown_on_close=True)
+        with contextlib.closing(cluster):
+            yield cluster.scheduler_address
