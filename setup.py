@@ -28,7 +28,8 @@ setup(
         "dask": DASK,
         "slurm": SLURM,
         "kubernetes": KUBERNETES,
-        "gcp": ["apache-beam[gcp]>=2.60"],
+        # `build` makes the sdist of setup.py that Dataflow's workers install (else Beam's legacy fallback).
+        "gcp": ["apache-beam[gcp]>=2.60", "build>=1.0"],
         # DataflowRunner builds a job offline (--dry_run=True) with just the Dataflow client.
         "test": [
             "pytest>=7",
@@ -37,6 +38,7 @@ setup(
             *SLURM,
             *KUBERNETES,
             "google-cloud-dataflow-client>=0.13",
+            "build>=1.0",
         ],
     },
     entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},

@@ -311,6 +311,26 @@ class Progress:
         self._report(self.count(), self._total, self._label)
 
 
+def _passes(plans: Sequence[LayerPlan]):
+    """(index, active plans, units, configs) of each pass, all layers' units of a pass together."""
+    for index in range(max((len(p.passes) for p in plans), default=0)):
+        active = [p for p in plans if index < len(p.passes)]
+        yield index, active, [u for p in active for u in p.units[index]], [p.configs[index] for p in active]
+
+
+def _run_pass(index: int, units, configs, runner, pipeline_options, record_failures: bool = False):
+    pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
+    _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(units, configs, record_failures)
+    return pipeline.run()
+
+
+def build_jobs_only(plans: Sequence[LayerPlan], runner, pipeline_options, log: Callable[[str], None] = print) -> None:
+    """Beam's `--dry_run=True` (DataflowRunner): each pass's job is built, nothing submitted or touched."""
+    for index, _, units, configs in _passes(plans):
+        _run_pass(index, units, configs, runner, pipeline_options)
+        log(f"Dataflow job of pass {index + 1} built (--dry_run=True), not submitted: {len(units)} work units")
+
+
 def run_job(
     dataset: Dataset,
     plans: Sequence[LayerPlan],
@@ -323,10 +343,7 @@ def run_job(
     """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata."""
     metrics: dict = {}
     pass_count = max((len(p.passes) for p in plans), default=0)
-    for index in range(pass_count):
-        active = [p for p in plans if index < len(p.passes)]
-        units = [u for p in active for u in p.units[index]]
-        configs = [p.configs[index] for p in active]
+    for index, active, units, configs in _passes(plans):
         for config in configs:
             for stale in failures(config):  # an earlier run's failures: these units run again
                 storage.delete(stale)
@@ -337,9 +354,7 @@ def run_job(
             f"{p.layer.name} {','.join(mag_name(m) for m in p.passes[index].target_mags)}" for p in active
         )
         with Progress(configs, len(units), label, report):
-            pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
-            _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(units, configs, record_failures)
-            result = pipeline.run()
+            result = _run_pass(index, units, configs, runner, pipeline_options, record_failures)
             result.wait_until_finish()
         _collect_metrics(result, metrics)
         failed = [(config.layer, path) for config in configs for path in failures(config)]

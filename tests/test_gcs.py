@@ -284,3 +284,15 @@ def test_gcs_lock_whose_create_was_retried_after_getting_through_is_ours(emulato
     with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
         assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
     assert not storage.exists(lock)
+
+
+def test_gcs_dataflow_dry_run_builds_every_pass_and_writes_nothing(emulator, local_dataset):
+    """`--distribution-strategy dataflow --dry_run=True`: Beam builds the Dataflow job of each
+    pass offline; nothing is created, locked or listed on the bucket."""
+    url = upload(local_dataset, "dataflow-dry")
+    before = download("dataflow-dry")
+    result = run_cli(url, "--distribution-strategy", "dataflow", "--project=demo-project",
+                     "--region=europe-west1", f"--temp_location=gs://{BUCKET}/tmp", "--dry_run=True")
+    assert result.returncode == 0, result.stderr
+    assert "Dataflow job of pass 1 built (--dry_run=True), not submitted" in result.stdout
+    assert download("dataflow-dry") == before

@@ -160,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(p.target_mags for p in plans):
         return 0
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    if engine.build_only:  # nothing is created, locked or listed
+        try:
+            job.build_jobs_only(plans, engine.runner, engine.options)
+        except Exception as error:  # pylint: disable=broad-except
+            return _fail(f"building the Dataflow job failed: {_root_cause(error)}")
+        return 0
     try:
         with job.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
             job.create_targets(dataset, plans)

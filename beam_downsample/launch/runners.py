@@ -126,6 +126,7 @@ class Engine:
     cluster: Optional[clusters.Cluster] = None
     worker_memory: Optional[int] = None
     worker_cores: Optional[int] = None
+    build_only: bool = False  # DataflowRunner's --dry_run=True: build each pass's job, run nothing
 
     @property
     def options(self) -> PipelineOptions:
@@ -256,4 +257,5 @@ def _beam_runner_engine(strategy, jobs, flags, given, target, memory_budget) -> 
                       if settings.get(key) is not None)
     return Engine(strategy, BEAM_RUNNER[strategy], flags, overrides, record_failures=False,
                   summary=f"engine: Beam {BEAM_RUNNER[strategy]} ({shown})",
-                  worker_memory=None if in_this_process else memory_budget)
+                  worker_memory=None if in_this_process else memory_budget,
+                  build_only=strategy == "dataflow" and bool(given.get("dry_run")))
