@@ -13,8 +13,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-import tensorstore as ts
-
 from beam_downsample import io, planning, reduce
 from beam_downsample.mags import Mag
 from beam_downsample.planning import Box, WorkUnit
@@ -132,8 +130,8 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
 def run_unit(
     config: PassConfig,
     unit: WorkUnit,
-    source: ts.TensorStore,
-    targets: Sequence[ts.TensorStore],
+    source,
+    targets: Sequence,
 ) -> UnitStats:
     """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes.
 
@@ -144,7 +142,7 @@ def run_unit(
     """
     stats = UnitStats(voxels_read=unit.box.voxels)
     unit_levels = _level_boxes(config, unit.box)
-    dtype = source.dtype.numpy_dtype
+    dtype = io.array_dtype(source)
     buffers = [np.zeros((config.channels, *b.shape), dtype=dtype, order="F") for b in unit_levels]
     tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
 

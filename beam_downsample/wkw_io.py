@@ -1,0 +1,110 @@
+"""wkw mags (the original WEBKNOSSOS format) behind the same small interface
+as the tensorstore arrays: open, read a box, write a box.
+
+tensorstore has no wkw driver, so this uses the maintained `wkw` package.
+New mags get the reference's layout: blocks of 32^3 voxels in files of
+32^3 blocks (1024^3 voxels), LZ4HC-compressed (verified byte for byte
+against files the reference writes).
+
+A compressed wkw file can only be written whole, which would make every
+work unit hold 1024^3 voxels per level. Instead, units write their
+(block-aligned) boxes into an uncompressed *staging* copy of the mag, where
+partial writes are allowed, and `compress_staged` turns each finished
+staging file into the final LZ4HC file after the pass (atomic rename).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Iterator
+
+import numpy as np
+import wkw
+
+from beam_downsample.planning import Box
+
+BLOCK_LEN = 32  # voxels per block edge
+FILE_LEN = 32  # blocks per file edge: files of 1024^3 voxels
+# wkw addresses voxels with uint32 offsets from 0.
+DOMAIN = Box((0, 0, 0), (2**31, 2**31, 2**31))
+
+
+class Written:
+    """A finished write, shaped like tensorstore's future."""
+
+    @staticmethod
+    def result() -> None:
+        return None
+
+
+class WkwMag:
+    """One wkw mag: reads come from `path`, writes go to the staging copy (if any)."""
+
+    def __init__(self, path: str, staging: str | None = None):
+        if not os.path.isfile(os.path.join(path, "header.wkw")):
+            raise ValueError(f"no wkw header at {os.path.join(path, 'header.wkw')}")
+        self._dataset = wkw.Dataset.open(path)
+        self._staging = wkw.Dataset.open(staging) if staging else None
+        self.dtype = np.dtype(self._dataset.header.voxel_type)
+        self.channels = self._dataset.header.num_channels
+
+    def read(self, box: Box) -> np.ndarray:
+        """(c, x, y, z) in Fortran order; voxels of files that do not exist read as 0."""
+        return self._dataset.read(box.start, box.shape)
+
+    def write(self, box: Box, data: np.ndarray) -> Written:
+        if self._staging is None:
+            raise ValueError("this wkw mag was opened for reading only")
+        self._staging.write(box.start, np.asfortranarray(data))
+        return Written()
+
+
+def header(dtype: np.dtype, channels: int, block_type: int) -> wkw.Header:
+    return wkw.Header(
+        voxel_type=np.dtype(dtype).type,
+        num_channels=channels,
+        block_len=BLOCK_LEN,
+        file_len=FILE_LEN,
+        block_type=block_type,
+    )
+
+
+def create(path: str, dtype: np.dtype, channels: int, staging: str) -> None:
+    """The final (LZ4HC) mag with only its header, and an empty uncompressed staging copy."""
+    wkw.Dataset.create(path, header(dtype, channels, wkw.Header.BLOCK_TYPE_LZ4HC)).close()
+    create_staging(staging, dtype, channels)
+
+
+def create_staging(staging: str, dtype: np.dtype, channels: int) -> None:
+    wkw.Dataset.create(staging, header(dtype, channels, wkw.Header.BLOCK_TYPE_RAW)).close()
+
+
+def staged_files(staging: str) -> Iterator[str]:
+    """Relative paths (`z0/y0/x0.wkw`) of the staging copy's data files."""
+    for directory, _, files in os.walk(staging):
+        for name in files:
+            if name.endswith(".wkw") and name != "header.wkw":
+                yield os.path.relpath(os.path.join(directory, name), staging)
+
+
+def compress_staged(staging: str, path: str, threads: int = 1) -> int:
+    """Compresses every staging file into `path` and deletes it; returns the file count.
+
+    Each file is compressed to a temp name and renamed, so a crash leaves
+    either the old or the new file; a rerun compresses what is still staged.
+    """
+    files = sorted(staged_files(staging))
+
+    def compress(relative: str) -> None:
+        target = os.path.join(path, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        temp = f"{target}.{os.getpid()}.tmp"
+        wkw.File.compress(os.path.join(staging, relative), temp)
+        os.replace(temp, target)
+        os.unlink(os.path.join(staging, relative))
+
+    with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+        for future in [pool.submit(compress, f) for f in files]:
+            future.result()
+    return len(files)
