@@ -16,26 +16,13 @@ from beam_downsample import reduce
 # plain-Python reference
 
 
-def block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor) -> list:
-    """The block's values as Python scalars, in block order (y fastest, then x, then z)."""
+def block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor, c_order: bool = False) -> list:
+    """The block's values as Python scalars, in block order (y fastest, then x, then z),
+    or with `c_order` x slowest and z fastest (the order tensorstore sums a float mean in)."""
     fx, fy, fz = factor
-    return [
-        data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item()
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
-
-
-def c_order_block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor) -> list:
-    """The block's values x slowest, z fastest: the order tensorstore sums a float mean in."""
-    fx, fy, fz = factor
-    return [
-        data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item()
-        for dx in range(fx)
-        for dy in range(fy)
-        for dz in range(fz)
-    ]
+    offsets = itertools.product(range(fx), range(fy), range(fz)) if c_order else (
+        (dx, dy, dz) for dz in range(fz) for dx in range(fx) for dy in range(fy))
+    return [data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item() for dx, dy, dz in offsets]
 
 
 def ref_median(values, dtype):
@@ -59,7 +46,7 @@ def ref_mode(values, dtype):
 
 def ref_mean(values, dtype):
     """Integers: exact, half to even (Python's round of a Fraction). Floats: summed
-    in their own precision in C order (see `c_order_block`), like tensorstore."""
+    in their own precision in C order (see `block`), like tensorstore."""
     if np.dtype(dtype).kind in "iu":
         return round(fractions.Fraction(sum(values), len(values)))
     total = np.array(values[0], dtype=dtype)
@@ -84,10 +71,7 @@ def reference(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
     out = np.zeros((c, x // fx, y // fy, z // fz), dtype=data.dtype)
     fn = REFERENCE[interpolation]
     for ci, ox, oy, oz in itertools.product(range(c), range(x // fx), range(y // fy), range(z // fz)):
-        if interpolation == "mean" and data.dtype.kind == "f":
-            values = c_order_block(data, ci, ox, oy, oz, factor)
-        else:
-            values = block(data, ci, ox, oy, oz, factor)
+        values = block(data, ci, ox, oy, oz, factor, c_order=interpolation == "mean" and data.dtype.kind == "f")
         out[ci, ox, oy, oz] = fn(values, data.dtype)
     return out
 
