@@ -178,7 +178,7 @@ def _create_wkw_mag(spec: dict, resume: bool) -> bool:
     if resume:
         try:
             final = wkw_io.WkwMag(spec["path"])
-        except (ValueError, wkw_io.wkw.WKWException):
+        except ValueError:
             final = None
         if final is not None and final.dtype == dtype and final.channels == spec["channels"]:
             if not os.path.isdir(spec["staging"]):  # all compressed before the crash
@@ -249,7 +249,7 @@ def check_source_array(layer: Layer, dataset_path: str, mag: Mag) -> None:
     check_format(layer)
     try:
         array = open_array(existing_mag_spec(layer, dataset_path, mag), open=True)
-    except (ValueError, wkw_io.wkw.WKWException) as error:
+    except ValueError as error:
         raise DatasetError(
             f"layer {layer.name!r} lists mag {mag_name(mag)} but its array cannot be opened: "
             f"{str(error).splitlines()[0]}"

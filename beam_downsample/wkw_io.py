@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import wkw
+from wkw.wkw import WKWException
 
 from beam_downsample.planning import Box
 
@@ -42,10 +43,15 @@ class WkwMag:
     """One wkw mag: reads come from `path`, writes go to the staging copy (if any)."""
 
     def __init__(self, path: str, staging: str | None = None):
-        if not os.path.isfile(os.path.join(path, "header.wkw")):
-            raise ValueError(f"no wkw header at {os.path.join(path, 'header.wkw')}")
-        self._dataset = wkw.Dataset.open(path)
-        self._staging = wkw.Dataset.open(staging) if staging else None
+        """Raises ValueError (like tensorstore's open) if `path` holds no readable wkw mag."""
+        for root in (path, staging) if staging else (path,):
+            if not os.path.isfile(os.path.join(root, "header.wkw")):
+                raise ValueError(f"no wkw header at {os.path.join(root, 'header.wkw')}")
+        try:
+            self._dataset = wkw.Dataset.open(path)
+            self._staging = wkw.Dataset.open(staging) if staging else None
+        except WKWException as error:
+            raise ValueError(f"{path}: {error}") from None
         self.dtype = np.dtype(self._dataset.header.voxel_type)
         self.channels = self._dataset.header.num_channels
 
