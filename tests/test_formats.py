@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ import tensorstore as ts
 import wkw
 
 from beam_downsample import demo
+from beam_downsample.launch import cli
 from beam_downsample.mags import mag_name
-from conftest import read_properties, run_cli, tree_digest, write_properties
+from conftest import read_properties, run_cli, tree_bytes, tree_digest, write_properties
 from test_end_to_end import reference_pyramid, region, run_sequential
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -247,3 +249,59 @@ def test_unwritable_formats_refused(tiny_dataset, data_format, message):
     assert message in lines[0] and "'segmentation'" in lines[0]
     assert "Traceback" not in result.stderr
     assert tree_digest(tiny_dataset) == before
+
+
+# ---------------------------------------------------------------------------
+# wkw: several units share a staging file; crashes before and during compression
+
+
+@pytest.fixture(scope="module")
+def wkw_base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wkw_base") / "ds"
+    data = values("uint16", (300, 260, 40), seed=50)
+    demo.write_dataset(str(path), [{"name": "color", "category": "color", "data": data, "top_left": TOP_LEFT}],
+                       VOXEL_SIZE, data_format="wkw")
+    return path
+
+
+WKW_ARGS = ("--coarsest-mag", "4", "--memory-budget", "300M")  # 6 units share each 2-2-1 and 4-4-2 file
+
+
+@pytest.fixture(scope="module")
+def wkw_clean(wkw_base, tmp_path_factory):
+    path = tmp_path_factory.mktemp("wkw_clean") / "ds"
+    shutil.copytree(wkw_base, path)
+    run_sequential(path, *WKW_ARGS)
+    return path
+
+
+def test_wkw_units_sharing_files_in_two_processes(wkw_base, wkw_clean, tmp_path):
+    path = tmp_path / "ds"
+    shutil.copytree(wkw_base, path)
+    result = run_cli(path, *WKW_ARGS, "--jobs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "in 6 work units" in result.stdout
+    assert tree_bytes(path) == tree_bytes(wkw_clean)
+
+
+def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, tmp_path, monkeypatch):
+    """Killed after every unit is done and one of two files is compressed: the rerun
+    skips the units, compresses the rest and ends byte-identical to a clean run."""
+    crash_at_file = 1
+    path = tmp_path / "ds"
+    shutil.copytree(wkw_base, path)
+    compress = wkw.File.compress
+    calls = []
+
+    def crashing(src, dst):
+        calls.append(dst)
+        if len(calls) > crash_at_file:
+            raise OSError("simulated crash while compressing")
+        compress(src, dst)
+
+    monkeypatch.setattr(wkw.File, "compress", staticmethod(crashing))
+    assert cli.main(["beam-downsample", str(path), "--distribution-strategy", "sequential", *WKW_ARGS]) != 0
+    assert [m["mag"] for m in read_properties(path)["dataLayers"][0]["mags"]] == [[1, 1, 1]]
+    monkeypatch.setattr(wkw.File, "compress", staticmethod(compress))
+    run_sequential(path, *WKW_ARGS)
+    assert tree_bytes(path) == tree_bytes(wkw_clean)
