@@ -267,15 +267,21 @@ def check_source_array(layer: Layer, dataset_path: str, mag: Mag) -> None:
         )
 
 
-def read_box(array, box: Box, channels: int) -> np.ndarray:
-    """Reads `box` (c, x, y, z); parts outside the array's domain read as fill value 0."""
+def read_box(array, box: Box, channels: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Reads `box` (c, x, y, z); parts outside the array's domain read as fill value 0.
+
+    `out` (Fortran order, the box's shape) is filled instead of a new array:
+    a reused buffer saves the page faults of fresh memory (a third of the
+    decode's CPU time on the bench).
+    """
     inside = box.intersect(array_domain(array))
-    if inside.start == box.start and inside.stop == box.stop:
-        return read_region(array, box)
-    result = np.zeros((channels, *box.shape), dtype=array_dtype(array), order="F")
+    if out is None:
+        out = np.empty((channels, *box.shape), dtype=array_dtype(array), order="F")
+    if inside.start != box.start or inside.stop != box.stop:
+        out.fill(0)
     if not inside.empty:
-        result[local_index(inside, box)] = read_region(array, inside)
-    return result
+        read_region(array, inside, out[local_index(inside, box)])
+    return out
 
 
 def local_index(inner: Box, outer: Box) -> tuple:
@@ -287,10 +293,16 @@ def region_index(box: Box) -> tuple:
     return (slice(None),) + tuple(slice(a, b) for a, b in zip(box.start, box.stop))
 
 
-def read_region(array, box: Box) -> np.ndarray:
+def read_region(array, box: Box, out: np.ndarray | None = None) -> np.ndarray:
     if isinstance(array, wkw_io.WkwMag):
-        return array.read(box)
-    return array[region_index(box)].read(order="F").result()
+        if out is None:
+            return array.read(box)
+        out[...] = array.read(box)
+        return out
+    if out is None:
+        return array[region_index(box)].read(order="F").result()
+    ts.array(out, copy=False, write=True).write(array[region_index(box)].translate_to[0, 0, 0, 0]).result()
+    return out
 
 
 def write_region(array, box: Box, data: np.ndarray):

@@ -4,9 +4,10 @@
 
 Runs each stage of beam-downsample's work on its own, in this process, on a
 scratch copy of the dataset's arrays (the dataset itself is not modified):
-  decode  - read every mag-1 voxel (Fortran order, as the chunks are stored)
+  decode  - read every source voxel into a reused buffer (Fortran order, as stored)
   reduce  - the pass's kernels on those voxels, level after level
-  encode  - write the first new level into a fresh array with the reference layout
+  encode  - write every new level into a fresh array with the reference layout
+one work unit at a time on one thread, with the work units of a real plan.
 Prints wall and CPU seconds per stage; CPU seconds are what two cores share,
 so `sum(cpu) / 2` is the floor of the wall time on this machine.
 """
@@ -19,6 +20,7 @@ _STARTED = time.perf_counter()
 
 # pylint: disable=wrong-import-position
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,18 +28,22 @@ import tempfile
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, job, planning, reduce
+from beam_downsample import io, job, planning, work
 from beam_downsample.properties import load_dataset
 
 
 class Stopwatch:
+    """Wall and CPU seconds summed per (layer, stage)."""
+
     def __init__(self):
-        self.rows: list[tuple[str, str, float, float]] = []
+        self.rows: dict[tuple[str, str], list[float]] = {}
 
     def measure(self, layer: str, stage: str, fn):
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
-        self.rows.append((layer, stage, time.perf_counter() - wall, time.process_time() - cpu))
+        row = self.rows.setdefault((layer, stage), [0.0, 0.0])
+        row[0] += time.perf_counter() - wall
+        row[1] += time.process_time() - cpu
         return result
 
 
@@ -51,50 +57,58 @@ def main() -> None:
     plans = job.plan_job(dataset, job.JobOptions(jobs=1))
     context = ts.Context(io.context_spec())
     watch = Stopwatch()
-    scratch = tempfile.mkdtemp(prefix="profile-stages-")
+    scratch = work.Scratch()
+    out_dir = tempfile.mkdtemp(prefix="profile-stages-")
     try:
         for plan in plans:
             layer = plan.layer
-            config = plan.configs[0]
-            source = io.open_array(config.source_spec, context, open=True)
-            align = planning.tile_alignment(plan.passes[0])
-            slabs = [tile for unit in plan.units[0] for tile in planning.split_box(unit.box, align, 16 << 20)]
-            tiles = watch.measure(
-                layer.name, "decode", lambda: [io.read_box(source, tile, layer.num_channels) for tile in slabs]
-            )
-
-            def reduce_all():
-                firsts = []
-                for data in tiles:
-                    for index, level in enumerate(config.levels):
-                        data = reduce.downsample(data, level.factor, config.interpolation)
-                        if index == 0:
-                            firsts.append(data)
-                return firsts
-
-            firsts = watch.measure(layer.name, "reduce (all levels)", reduce_all)
-            level = config.levels[0]
-            target = io.open_array(io.new_mag_spec(layer, scratch, level.mag), context, create=True)
-            whole = planning.Box(
-                tuple(min(t.start[a] for t in slabs) // level.factor[a] for a in range(3)),
-                tuple(max(t.stop[a] for t in slabs) // level.factor[a] for a in range(3)),
-            )
-            buffer = np.zeros((layer.num_channels, *whole.shape), dtype=layer.dtype, order="F")
-            for tile, data in zip(slabs, firsts):
-                box = tile.scaled_down(level.factor)
-                buffer[io.local_index(box, whole)] = data
-            watch.measure(layer.name, "encode (first level)", lambda: io.write_region(target, whole, buffer).result())
-            tiles = firsts = buffer = None  # free this layer before the next one
+            for config, units in zip(plan.configs, plan.units):
+                source = io.open_array(config.source_spec, context, open=True)
+                targets = [
+                    io.open_array(io.new_mag_spec(layer, out_dir, level.mag), context, create=True, delete_existing=True)
+                    for level in config.levels
+                ]
+                for unit in units:
+                    profile_unit(watch, scratch, config, unit, source, targets)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
 
     print("| layer | stage | wall s | CPU s |\n|---|---|---|---|")
     print(f"| - | imports (numpy, tensorstore, apache_beam) | {import_seconds:.2f} | - |")
-    for layer, stage, wall, cpu in watch.rows:
+    for (layer, stage), (wall, cpu) in watch.rows.items():
         print(f"| {layer} | {stage} | {wall:.2f} | {cpu:.2f} |")
-    total_cpu = sum(row[3] for row in watch.rows)
+    total_cpu = sum(row[1] for row in watch.rows.values())
     print(f"\nCPU of the stages: {total_cpu:.1f} s -> floor on {os.cpu_count()} cores: "
           f"{import_seconds + total_cpu / (os.cpu_count() or 1):.1f} s wall (with the import)")
+
+
+def profile_unit(watch, scratch, config, unit, source, targets) -> None:
+    """`work.run_unit` on one thread, each stage timed on its own."""
+    unit_levels = [unit.box]
+    for level in config.levels:
+        unit_levels.append(unit_levels[-1].scaled_down(level.factor))
+    unit_levels = unit_levels[1:]
+    dtype = source.dtype.numpy_dtype
+    with contextlib.ExitStack() as stack:
+        buffers = [stack.enter_context(scratch.borrow(f"level{i}", (config.channels, *b.shape), dtype))
+                   for i, b in enumerate(unit_levels)]
+        profile_tiles(watch, scratch, config, unit, source, targets, buffers, unit_levels)
+
+
+def profile_tiles(watch, scratch, config, unit, source, targets, buffers, unit_levels) -> None:
+    dtype = source.dtype.numpy_dtype
+    for tile in planning.split_box(unit.box, config.tile_alignment, config.tile_voxels):
+        with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
+            watch.measure(config.layer, "decode", lambda: io.read_box(source, tile, config.channels, out=data))
+            watch.measure(config.layer, "reduce", lambda: work.reduce_tile(config, tile, data, buffers, unit_levels))
+
+    def encode():
+        for level, target, buffer, box in zip(config.levels, targets, buffers, unit_levels):
+            written = box.intersect(level.region)
+            if not written.empty:
+                io.write_region(target, written, buffer[io.local_index(written, box)]).result()
+
+    watch.measure(config.layer, "encode", encode)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class DownsampleUnitFn(beam.DoFn):
             source = io.open_array(config.source_spec, context, open=True)
             targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
             self._arrays[key] = (source, targets)
+        self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._skipped = Metrics.counter("beam_downsample", "work_units_already_done")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
@@ -50,7 +51,7 @@ class DownsampleUnitFn(beam.DoFn):
             return
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
         try:
-            stats = work.run_unit(config, unit, source, targets)
+            stats = work.run_unit(config, unit, source, targets, self._scratch)
         except Exception as error:  # pylint: disable=broad-except
             if not self._record_failures:
                 raise
