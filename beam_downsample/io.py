@@ -104,7 +104,9 @@ def target_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
 def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     """The spec that creates a new mag array with the reference's layout."""
     if layer.data_format == "wkw":
-        return target_spec(layer, dataset_path, mag) | {"dtype": layer.dtype.str, "channels": layer.num_channels}
+        region = layer.bbox.scaled_down(mag)
+        return target_spec(layer, dataset_path, mag) | {
+            "dtype": layer.dtype.str, "channels": layer.num_channels, "region": [list(region.start), list(region.stop)]}
     if layer.data_format == "zarr":
         return {
             "driver": "zarr",
@@ -174,6 +176,14 @@ def create_mag(spec: dict, resume: bool) -> bool:
 
 
 def _create_wkw_mag(spec: dict, resume: bool) -> bool:
+    """Final mag (header only) plus a staging copy with every file the region needs.
+
+    Kept on resume if the header matches: then either no file was compressed
+    yet (all staging files are there) or every unit was done before the
+    compression started, so nothing is written into staging any more. Staging
+    files are only pre-created in a fresh mag, where none was compressed: a
+    file recreated after its compression would overwrite the result with zeros.
+    """
     dtype = np.dtype(spec["dtype"])
     if resume:
         try:
@@ -188,6 +198,7 @@ def _create_wkw_mag(spec: dict, resume: bool) -> bool:
         if os.path.isdir(path):
             shutil.rmtree(path)
     wkw_io.create(spec["path"], dtype, spec["channels"], spec["staging"])
+    wkw_io.create_staging_files(spec["staging"], Box(*(tuple(v) for v in spec["region"])))
     return False
 
 

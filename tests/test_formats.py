@@ -305,3 +305,28 @@ def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, 
     monkeypatch.setattr(wkw.File, "compress", staticmethod(compress))
     run_sequential(path, *WKW_ARGS)
     assert tree_bytes(path) == tree_bytes(wkw_clean)
+
+
+def test_wkw_staging_files_exist_before_any_unit_runs(tmp_path):
+    """Units only write blocks into existing staging files, so no two processes race to create one."""
+    from beam_downsample import io, wkw_io  # pylint: disable=import-outside-toplevel
+    from beam_downsample.planning import Box  # pylint: disable=import-outside-toplevel
+    from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
+
+    def staged(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root)
+                      for d, _, files in os.walk(root) for f in files if f != "header.wkw")
+
+    layer = {"name": "far", "category": "color", "data": values("uint8", (50, 40, 20), seed=60),
+             "top_left": GEOMETRY["far"]["top_left"]}
+    path = write(tmp_path, [layer], "wkw")
+    (loaded,) = load_dataset(str(path)).layers
+    spec = io.new_mag_spec(loaded, str(path), (2, 2, 1))
+    assert io.create_mag(spec, resume=False) is False
+    assert staged(spec["staging"]) == [os.path.join("z0", "y1", "x0.wkw")]  # 2-2-1: x 515..540, y 1038..1059
+    assert io.create_mag(spec, resume=True) is True
+    wkw_io.create_staging_files(spec["staging"], Box((1000, 0, 2040), (1100, 10, 2050)))  # 2 x 2 files
+    assert staged(spec["staging"]) == [os.path.join("z0", "y1", "x0.wkw")] + [
+        os.path.join(f"z{z}", "y0", f"x{x}.wkw") for z in (1, 2) for x in (0, 1)]
+    data = wkw.Dataset.open(spec["staging"]).read((0, 0, 0), (1100, 10, 2050))
+    assert not data.any()
