@@ -124,7 +124,7 @@ def write_dataset(
         start = tuple(a // m for a, m in zip(layer.bbox.start, mag))
         box = Box(start, tuple(a + s for a, s in zip(start, data.shape[1:])))  # type: ignore[arg-type]
         io.write_region(array, box, data).result()
-        io.finish_mag(spec)
+        io.finish_mags([spec])
         io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
     shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
 

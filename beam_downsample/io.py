@@ -96,17 +96,20 @@ def mag_spec(layer: Layer, path: str, staging: str | None = None) -> dict:
 
 
 def target_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
-    """Opens a new (already created) mag for writing."""
-    staging = wkw_staging_path(layer, dataset_path, mag) if layer.data_format == "wkw" else None
-    return mag_spec(layer, new_mag_path(layer, dataset_path, mag), staging)
+    """Opens a new (already created) mag for writing; wkw specs also carry the
+    region to write (the bounding box in `mag` voxels) for their staging files."""
+    path = new_mag_path(layer, dataset_path, mag)
+    if layer.data_format != "wkw":
+        return mag_spec(layer, path)
+    region = layer.bbox.scaled_down(mag)
+    return mag_spec(layer, path, wkw_staging_path(layer, dataset_path, mag)) | {
+        "region": [list(region.start), list(region.stop)]}
 
 
 def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     """The spec that creates a new mag array with the reference's layout."""
     if layer.data_format == "wkw":
-        region = layer.bbox.scaled_down(mag)
-        return target_spec(layer, dataset_path, mag) | {
-            "dtype": layer.dtype.str, "channels": layer.num_channels, "region": [list(region.start), list(region.stop)]}
+        return target_spec(layer, dataset_path, mag) | {"dtype": layer.dtype.str, "channels": layer.num_channels}
     if layer.data_format == "zarr":
         return {
             "driver": "zarr",
@@ -202,11 +205,15 @@ def _create_wkw_mag(spec: dict, resume: bool) -> bool:
     return False
 
 
-def finish_mag(spec: dict, threads: int = 1) -> None:
-    """After a pass: wkw's staged files become the final compressed files."""
-    if spec["driver"] == "wkw" and spec.get("staging") and os.path.isdir(spec["staging"]):
-        wkw_io.compress_staged(spec["staging"], spec["path"], threads)
-        shutil.rmtree(spec["staging"])
+def finish_mags(specs: Sequence[dict], threads: int = 1) -> None:
+    """After a pass: wkw's staged files become the final compressed files
+    (all files of all mags at once, on `threads` threads); zarr needs nothing."""
+    staged = [(spec["staging"], spec["path"], Box(*(tuple(v) for v in spec["region"]))) for spec in specs
+              if spec["driver"] == "wkw" and spec.get("staging") and os.path.isdir(spec["staging"])]
+    wkw_io.compress_staged(staged, threads)
+    for staging, _, _ in staged:
+        shutil.rmtree(staging)
+        shutil.rmtree(staging + ".lz4hc")
 
 
 def remove_stale_write_locks(spec: dict) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, planning, reduce
+from beam_downsample import io, planning, reduce, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -333,9 +333,8 @@ def run_job(
         missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
         if missing:
             raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
-        for config in configs:
-            for level in config.levels:
-                io.finish_mag(level.spec, threads=available_cores())
+        io.finish_mags([level.spec for config in configs for level in config.levels],
+                       threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
         for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))

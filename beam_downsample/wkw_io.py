@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import wkw
@@ -118,23 +118,67 @@ def staged_files(staging: str) -> Iterator[str]:
                 yield os.path.relpath(os.path.join(directory, name), staging)
 
 
-def compress_staged(staging: str, path: str, threads: int = 1) -> int:
-    """Compresses every staging file into `path` and deletes it; returns the file count.
+# A file whose data (the region's part of it) is at most this big is compressed
+# from memory: a zero-filled numpy array costs nothing where it is not touched,
+# whereas the library's file-to-file compression reads every byte of the
+# staging file (1 GiB of sparse zeros per uint8 file: seconds of system time).
+# A thread holds about twice this; see COMPRESS_THREADS.
+IN_MEMORY_BYTES = 128 << 20
+COMPRESS_THREADS = 4  # at most: 4 x 2 x 128 MiB stays inside the default 2G budget
 
-    Each file is compressed to a temp name and renamed, so a crash leaves
-    either the old or the new file; a rerun compresses what is still staged.
+
+def compress_staged(mags: Sequence[tuple[str, str, Box]], threads: int = 1) -> int:
+    """Compresses every staging file of every `(staging, path, region)` mag into its
+    final place and deletes it; returns the file count. All files of all mags share
+    one thread pool (the wkw library releases the GIL while compressing).
+
+    Each file is compressed into a temp copy inside the staging area and renamed,
+    so a crash leaves the mag with the old or the new file and no debris; a
+    rerun compresses what is still staged.
     """
-    files = sorted(staged_files(staging))
+    files = [(staging, path, region, relative)
+             for staging, path, region in mags for relative in sorted(staged_files(staging))]
+    for staging, path, _ in mags:
+        temp_root = staging + ".lz4hc"
+        if not os.path.isdir(temp_root):
+            with wkw.Dataset.open(path) as final:
+                wkw.Dataset.create(temp_root, final.header).close()
 
-    def compress(relative: str) -> None:
+    def compress(staging: str, path: str, region: Box, relative: str) -> None:
+        temp = os.path.join(staging + ".lz4hc", relative)
+        if os.path.exists(temp):
+            os.unlink(temp)  # left by a crashed compression
+        compress_file(staging, relative, region)
         target = os.path.join(path, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        temp = f"{target}.{os.getpid()}.tmp"
-        wkw.File.compress(os.path.join(staging, relative), temp)
         os.replace(temp, target)
         os.unlink(os.path.join(staging, relative))
 
     with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
-        for future in [pool.submit(compress, f) for f in files]:
+        for future in [pool.submit(compress, *item) for item in files]:
             future.result()
     return len(files)
+
+
+def compress_file(staging: str, relative: str, region: Box) -> None:
+    """Staging file `relative` -> the same file, compressed, in `staging + ".lz4hc"`."""
+    part = file_box(relative).intersect(region)
+    with wkw.Dataset.open(staging) as staged:
+        item_bytes = np.dtype(staged.header.voxel_type).itemsize * staged.header.num_channels
+        if part.voxels * item_bytes > IN_MEMORY_BYTES:
+            os.makedirs(os.path.dirname(os.path.join(staging + ".lz4hc", relative)), exist_ok=True)
+            wkw.File.compress(os.path.join(staging, relative), os.path.join(staging + ".lz4hc", relative))
+            return
+        whole = file_box(relative)
+        data = np.zeros((staged.header.num_channels, *whole.shape), dtype=staged.header.voxel_type, order="F")
+        inside = (slice(None),) + tuple(slice(a - s, b - s) for a, b, s in zip(part.start, part.stop, whole.start))
+        data[inside] = staged.read(part.start, part.shape)
+    with wkw.Dataset.open(staging + ".lz4hc") as compressed:
+        compressed.write(whole.start, data)
+
+
+def file_box(relative: str) -> Box:
+    """The voxels of the file `z{z}/y{y}/x{x}.wkw`."""
+    z, y, x = (int(part[1:].split(".")[0]) for part in relative.split(os.sep))
+    size = BLOCK_LEN * FILE_LEN
+    return Box((x * size, y * size, z * size), ((x + 1) * size, (y + 1) * size, (z + 1) * size))

@@ -284,25 +284,30 @@ def test_wkw_units_sharing_files_in_two_processes(wkw_base, wkw_clean, tmp_path)
     assert tree_bytes(path) == tree_bytes(wkw_clean)
 
 
-def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False], ids=["from-memory", "file-to-file"])
+def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, tmp_path, monkeypatch, in_memory):
     """Killed after every unit is done and one of two files is compressed: the rerun
-    skips the units, compresses the rest and ends byte-identical to a clean run."""
-    crash_at_file = 1
+    skips the units, compresses the rest and ends byte-identical to a clean run
+    (which compressed from memory), whichever way the files are compressed."""
+    from beam_downsample import wkw_io  # pylint: disable=import-outside-toplevel
+
     path = tmp_path / "ds"
     shutil.copytree(wkw_base, path)
-    compress = wkw.File.compress
+    if not in_memory:
+        monkeypatch.setattr(wkw_io, "IN_MEMORY_BYTES", 0)
+    compress_file = wkw_io.compress_file
     calls = []
 
-    def crashing(src, dst):
-        calls.append(dst)
-        if len(calls) > crash_at_file:
+    def crashing(*args):
+        calls.append(args)
+        compress_file(*args)  # the temp file is complete: the crash comes before its rename
+        if len(calls) > 1:
             raise OSError("simulated crash while compressing")
-        compress(src, dst)
 
-    monkeypatch.setattr(wkw.File, "compress", staticmethod(crashing))
+    monkeypatch.setattr(wkw_io, "compress_file", crashing)
     assert cli.main(["beam-downsample", str(path), "--distribution-strategy", "sequential", *WKW_ARGS]) != 0
     assert [m["mag"] for m in read_properties(path)["dataLayers"][0]["mags"]] == [[1, 1, 1]]
-    monkeypatch.setattr(wkw.File, "compress", staticmethod(compress))
+    monkeypatch.setattr(wkw_io, "compress_file", compress_file)
     run_sequential(path, *WKW_ARGS)
     assert tree_bytes(path) == tree_bytes(wkw_clean)
 
