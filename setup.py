@@ -23,6 +23,7 @@ setup(
         "absl-py>=1.4",
         "tqdm>=4.60",
         "crackle-codec>=0.30",
+        "wkw>=1.1.24",
     ],
     extras_require={
         "dask": DASK,

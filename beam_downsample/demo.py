@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 from beam_downsample import io
 from beam_downsample.mags import Mag, mag_name
 from beam_downsample.planning import Box
-from beam_downsample.properties import AXIS_ORDER, element_class_for, save_properties, write_json_atomically
+from beam_downsample.properties import element_class_for, mag_entry, save_properties, write_json_atomically
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 SEGMENTATION_FILE = os.path.join(DATA_DIR, "connectomics.npy.ckl.gz")
@@ -56,13 +57,14 @@ def layer_properties(
     mags: Sequence[Mag] = ((1, 1, 1),),
     num_channels: int = 1,
     largest_segment_id: int | None = None,
+    data_format: str = "zarr3",
 ) -> dict:
     layer = {
         "name": name,
         "category": category,
         "boundingBox": {"topLeft": list(top_left), "width": size[0], "height": size[1], "depth": size[2]},
-        "dataFormat": "zarr3",
-        "mags": [{"mag": list(m), "path": f"./{name}/{mag_name(m)}", "axisOrder": dict(AXIS_ORDER)} for m in mags],
+        "dataFormat": data_format,
+        "mags": [mag_entry(name, m, data_format) for m in mags],
         "numChannels": num_channels,
         "elementClass": element_class,
     }
@@ -76,9 +78,11 @@ def write_dataset(
     layers: Sequence[dict],
     voxel_size: Sequence[float],
     name: str | None = None,
+    data_format: str = "zarr3",
 ) -> None:
-    """Writes a dataset; each layer dict has `name`, `category`, `data` (c, x, y, z) or (x, y, z)
-    in mag-1 voxels, optional `top_left`, `element_class`, `largest_segment_id`, `mag`."""
+    """Writes a dataset in `data_format` (zarr3, zarr or wkw, the reference's layouts); each
+    layer dict has `name`, `category`, `data` (c, x, y, z) or (x, y, z) in mag-1 voxels,
+    optional `top_left`, `element_class`, `largest_segment_id`, `mag`."""
     from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
 
     os.makedirs(path, exist_ok=True)
@@ -96,7 +100,8 @@ def write_dataset(
         if spec["category"] == "segmentation" and largest is None:
             largest = int(data.max())
         raw_layers.append(
-            layer_properties(spec["name"], spec["category"], element_class, top_left, size, [mag], channels, largest)
+            layer_properties(spec["name"], spec["category"], element_class, top_left, size, [mag], channels, largest,
+                             data_format)
         )
     raw = {
         "id": {"name": name or os.path.basename(os.path.abspath(path)), "team": ""},
@@ -104,17 +109,24 @@ def write_dataset(
         "dataLayers": raw_layers,
         "version": 1,
     }
-    write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
+    if data_format == "zarr3":
+        write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
+    elif data_format == "zarr":
+        write_json_atomically(os.path.join(path, ".zgroup"), {"zarr_format": "2"})
     save_properties(path, raw)
     dataset = load_dataset(path)
     for spec, layer in zip(layers, dataset.layers):
         data = spec["data"] if spec["data"].ndim == 4 else spec["data"][None]
         (mag,) = layer.mags
-        array = io.open_array(io.new_mag_spec(layer, path, mag), create=True, delete_existing=True)
+        spec = io.new_mag_spec(layer, path, mag)
+        io.create_mag(spec, resume=False)
+        array = io.open_array(io.target_spec(layer, path, mag), open=True)
         start = tuple(a // m for a, m in zip(layer.bbox.start, mag))
         box = Box(start, tuple(a + s for a, s in zip(start, data.shape[1:])))  # type: ignore[arg-type]
         io.write_region(array, box, data).result()
+        io.finish_mags([spec])
         io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
+    shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
 
 
 def make_demo(path: str, depth: int = 256) -> None:

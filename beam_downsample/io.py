@@ -1,33 +1,54 @@
-"""TensorStore specs (data, built in one place) and array helpers.
+"""Specs of mag arrays (data, built in one place) and array helpers, for every
+format we write: zarr3 and zarr v2 through tensorstore, wkw through
+`wkw_io` (tensorstore has no wkw driver). Work units see only `open_array`,
+`read_box` and `write_region`, whatever the format.
 
-New mags use the reference's zarr3 layout (contract section 4): 32^3 chunks
-in 1024^3 shards (4096x4096x32 for layers at most 32 deep), Fortran order,
-zstd level 5 with checksum, crc32c on the shard index, fill value 0, shape
-rounded up to whole shards, dimensions named c, x, y, z.
+New mags use the reference's layout (contract section 4). zarr3: 32^3
+chunks in 1024^3 shards (4096x4096x32 for layers at most 32 deep), Fortran
+order, zstd level 5 with checksum, crc32c on the shard index, shape rounded
+up to whole shards, dimensions named c, x, y, z. zarr v2: 32^3 chunks, no
+shards, order F, "/" separator, zstd level 5, shape rounded up to whole
+chunks. wkw: 32^3 blocks in 1024^3 files, LZ4HC. Fill value 0 everywhere.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Sequence
 
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import storage
+from beam_downsample import storage, wkw_io
 from beam_downsample.mags import Mag, mag_name, parse_mag
 from beam_downsample.planning import CHUNK, SHARD, Box
 from beam_downsample.properties import DatasetError, Layer, resolve_path
 
-SUPPORTED_FORMATS = ("zarr3",)
+# dataFormat -> tensorstore driver (None: our wkw adapter)
+DRIVERS = {"zarr3": "zarr3", "zarr": "zarr", "wkw": None}
+SUPPORTED_FORMATS = tuple(DRIVERS)
+READ_ONLY_FORMATS = ("n5", "neuroglancerPrecomputed")  # WEBKNOSSOS reads these, nobody adds mags to them
+STATE_DIR = ".beam-downsample"  # markers, locks and wkw staging files of running jobs
 
 
-def check_format(layer: Layer) -> None:
-    if layer.data_format not in SUPPORTED_FORMATS:
+def check_format(layer: Layer, dataset_path: str = "") -> None:
+    if layer.data_format == "wkw" and storage.is_gcs(dataset_path):
         raise DatasetError(
-            f"layer {layer.name!r} has dataFormat {layer.data_format!r}; beam-downsample handles "
-            f"{', '.join(SUPPORTED_FORMATS)} only so far (convert it with `webknossos convert-zarr3`)"
+            f"layer {layer.name!r} is wkw on {dataset_path}: the wkw library reads local files only "
+            "(convert the layer to zarr3, or downsample a local copy)"
         )
+    if layer.data_format in SUPPORTED_FORMATS:
+        return
+    if layer.data_format in READ_ONLY_FORMATS:
+        raise DatasetError(
+            f"layer {layer.name!r} has dataFormat {layer.data_format!r}, which is read-only: new mags "
+            f"cannot be written into it (convert the layer to zarr3 first)"
+        )
+    raise DatasetError(
+        f"layer {layer.name!r} has unknown dataFormat {layer.data_format!r}; beam-downsample "
+        f"handles {', '.join(SUPPORTED_FORMATS)}"
+    )
 
 
 def kvstore_spec(path: str) -> dict:
@@ -48,6 +69,9 @@ def context_spec(concurrency: int = 8) -> dict:
 
 
 def shard_shape(layer: Layer) -> tuple[int, int, int]:
+    """The unit of a write: zarr3 shards, zarr v2 chunks."""
+    if layer.data_format == "zarr":
+        return (CHUNK, CHUNK, CHUNK)
     if layer.bbox.shape[2] <= CHUNK:
         return (4 * SHARD, 4 * SHARD, CHUNK)
     return (SHARD, SHARD, SHARD)
@@ -60,17 +84,61 @@ def array_shape(layer: Layer, mag: Mag) -> tuple[int, ...]:
     return (layer.num_channels,) + tuple(max(-(-e // s), 1) * s for e, s in zip(end, shard))
 
 
+def new_mag_path(layer: Layer, dataset_path: str, mag: Mag) -> str:
+    return resolve_path(dataset_path, f"./{layer.name}/{mag_name(mag)}")
+
+
+def wkw_staging_path(layer: Layer, dataset_path: str, mag: Mag) -> str:
+    return os.path.join(dataset_path, STATE_DIR, layer.name, "wkw-staging", mag_name(mag))
+
+
+def mag_spec(layer: Layer, path: str, staging: str | None = None) -> dict:
+    """Opens an existing mag array at `path`; wkw writes go to `staging`."""
+    driver = DRIVERS[layer.data_format]
+    if driver is None:
+        return {"driver": "wkw", "path": path, "staging": staging}
+    return {"driver": driver, "kvstore": kvstore_spec(path)}
+
+
+def target_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
+    """Opens a new (already created) mag for writing; wkw specs also carry the
+    region to write (the bounding box in `mag` voxels) for their staging files."""
+    path = new_mag_path(layer, dataset_path, mag)
+    if layer.data_format != "wkw":
+        return mag_spec(layer, path)
+    region = layer.bbox.scaled_down(mag)
+    return mag_spec(layer, path, wkw_staging_path(layer, dataset_path, mag)) | {
+        "region": [list(region.start), list(region.stop)]}
+
+
 def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     """The spec that creates a new mag array with the reference's layout."""
+    if layer.data_format == "wkw":
+        return target_spec(layer, dataset_path, mag) | {"dtype": layer.dtype.str, "channels": layer.num_channels}
+    if layer.data_format == "zarr":
+        return {
+            "driver": "zarr",
+            "kvstore": kvstore_spec(new_mag_path(layer, dataset_path, mag)),
+            "metadata": {
+                "chunks": [layer.num_channels, CHUNK, CHUNK, CHUNK],
+                "compressor": {"id": "zstd", "level": 5},
+                "dimension_separator": "/",
+                "dtype": layer.dtype.str,
+                "fill_value": 0,
+                "filters": None,
+                "order": "F",
+                "shape": list(array_shape(layer, mag)),
+                "zarr_format": 2,
+            },
+        }
     shard = shard_shape(layer)
     channels = layer.num_channels
     bytes_codec: dict[str, Any] = {"name": "bytes"}
     if layer.dtype.itemsize > 1:
         bytes_codec["configuration"] = {"endian": "little"}
-    path = resolve_path(dataset_path, f"./{layer.name}/{mag_name(mag)}")
     return {
         "driver": "zarr3",
-        "kvstore": kvstore_spec(path),
+        "kvstore": kvstore_spec(new_mag_path(layer, dataset_path, mag)),
         "metadata": {
             "shape": list(array_shape(layer, mag)),
             "data_type": layer.dtype.name,
@@ -99,6 +167,60 @@ def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     }
 
 
+def create_mag(spec: dict, resume: bool) -> bool:
+    """Creates a new mag array; with `resume`, keeps one of the same layout that an
+    interrupted run left (returns True), so its finished units need not rerun."""
+    if spec["driver"] == "wkw":
+        return _create_wkw_mag(spec, resume)
+    if resume:
+        try:
+            open_array(spec, open=True, create=True)
+            remove_stale_write_locks(spec)
+            return True
+        except ValueError:
+            pass  # different layout: start this mag over
+    open_array(spec, create=True, delete_existing=True)
+    return False
+
+
+def _create_wkw_mag(spec: dict, resume: bool) -> bool:
+    """Final mag (header only) plus a staging copy with every file the region needs.
+
+    Kept on resume if the header matches: then either no file was compressed
+    yet (all staging files are there) or every unit was done before the
+    compression started, so nothing is written into staging any more. Staging
+    files are only pre-created in a fresh mag, where none was compressed: a
+    file recreated after its compression would overwrite the result with zeros.
+    """
+    dtype = np.dtype(spec["dtype"])
+    if resume:
+        try:
+            final = wkw_io.WkwMag(spec["path"])
+        except ValueError:
+            final = None
+        if final is not None and final.dtype == dtype and final.channels == spec["channels"]:
+            if not os.path.isdir(spec["staging"]):  # all compressed before the crash
+                wkw_io.create_staging(spec["staging"], dtype, spec["channels"])
+            return True
+    for path in (spec["path"], spec["staging"]):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    wkw_io.create(spec["path"], dtype, spec["channels"], spec["staging"])
+    wkw_io.create_staging_files(spec["staging"], Box(*(tuple(v) for v in spec["region"])))
+    return False
+
+
+def finish_mags(specs: Sequence[dict], threads: int = 1) -> None:
+    """After a pass: wkw's staged files become the final compressed files
+    (all files of all mags at once, on `threads` threads); zarr needs nothing."""
+    staged = [(spec["staging"], spec["path"], Box(*(tuple(v) for v in spec["region"]))) for spec in specs
+              if spec["driver"] == "wkw" and spec.get("staging") and os.path.isdir(spec["staging"])]
+    wkw_io.compress_staged(staged, threads)
+    for staging, _, _ in staged:
+        shutil.rmtree(staging)
+        shutil.rmtree(staging + ".lz4hc")
+
+
 def remove_stale_write_locks(spec: dict) -> None:
     """Deletes tensorstore's `<shard>.__lock` temp files left by a killed writer.
 
@@ -106,8 +228,8 @@ def remove_stale_write_locks(spec: dict) -> None:
     after a kill -9 could keep the dead write's tail and be unreadable. Only
     called while we hold the layer's lock, so no live writer owns them.
     """
-    kvstore = spec["kvstore"]
-    if kvstore["driver"] != "file":
+    kvstore = spec.get("kvstore", {})
+    if kvstore.get("driver") != "file":
         return
     for directory, _, files in os.walk(kvstore["path"]):
         for name in files:
@@ -116,16 +238,38 @@ def remove_stale_write_locks(spec: dict) -> None:
 
 
 def existing_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
-    return {"driver": "zarr3", "kvstore": kvstore_spec(layer.mag_path(dataset_path, mag))}
+    return mag_spec(layer, layer.mag_path(dataset_path, mag))
 
 
-def open_array(spec: dict, context: ts.Context | None = None, **kwargs: Any) -> ts.TensorStore:
+def open_array(spec: dict, context: ts.Context | None = None, **kwargs: Any):
+    """A tensorstore array, or a `wkw_io.WkwMag` for wkw."""
+    if spec["driver"] == "wkw":
+        return wkw_io.WkwMag(spec["path"], spec.get("staging"))
     return ts.open(spec, context=context, **kwargs).result()
+
+
+def array_dtype(array) -> np.dtype:
+    if isinstance(array, wkw_io.WkwMag):
+        return array.dtype
+    return array.dtype.numpy_dtype
+
+
+def array_channels(array) -> int | None:
+    """The channel count, or None if the array is not (c, x, y, z)."""
+    if isinstance(array, wkw_io.WkwMag):
+        return array.channels
+    return array.shape[0] if array.rank == 4 else None
+
+
+def array_domain(array) -> Box:
+    if isinstance(array, wkw_io.WkwMag):
+        return wkw_io.DOMAIN
+    return Box(tuple(array.domain.inclusive_min[1:]), tuple(array.domain.exclusive_max[1:]))
 
 
 def check_source_array(layer: Layer, dataset_path: str, mag: Mag) -> None:
     """Fails with one line if the listed source mag is missing or disagrees with the properties."""
-    check_format(layer)
+    check_format(layer, dataset_path)
     try:
         array = open_array(existing_mag_spec(layer, dataset_path, mag), open=True)
     except ValueError as error:
@@ -133,29 +277,29 @@ def check_source_array(layer: Layer, dataset_path: str, mag: Mag) -> None:
             f"layer {layer.name!r} lists mag {mag_name(mag)} but its array cannot be opened: "
             f"{str(error).splitlines()[0]}"
         ) from None
-    if array.dtype.numpy_dtype != layer.dtype:
+    if array_dtype(array) != layer.dtype:
         raise DatasetError(
-            f"layer {layer.name!r} mag {mag_name(mag)}: array dtype {array.dtype.numpy_dtype} "
+            f"layer {layer.name!r} mag {mag_name(mag)}: array dtype {array_dtype(array)} "
             f"disagrees with elementClass ({layer.dtype})"
         )
-    if array.rank != 4 or array.shape[0] != layer.num_channels:
+    if array_channels(array) != layer.num_channels:
+        shape = array.shape if not isinstance(array, wkw_io.WkwMag) else f"{array.channels} channels"
         raise DatasetError(
-            f"layer {layer.name!r} mag {mag_name(mag)}: array shape {array.shape} is not "
+            f"layer {layer.name!r} mag {mag_name(mag)}: array shape {shape} is not "
             f"(c={layer.num_channels}, x, y, z)"
         )
 
 
-def read_box(array: ts.TensorStore, box: Box, channels: int, out: np.ndarray | None = None) -> np.ndarray:
+def read_box(array, box: Box, channels: int, out: np.ndarray | None = None) -> np.ndarray:
     """Reads `box` (c, x, y, z); parts outside the array's domain read as fill value 0.
 
     `out` (Fortran order, the box's shape) is filled instead of a new array:
     a reused buffer saves the page faults of fresh memory (a third of the
     decode's CPU time on the bench).
     """
-    domain = Box(tuple(array.domain.inclusive_min[1:]), tuple(array.domain.exclusive_max[1:]))
-    inside = box.intersect(domain)
+    inside = box.intersect(array_domain(array))
     if out is None:
-        out = np.empty((channels, *box.shape), dtype=array.dtype.numpy_dtype, order="F")
+        out = np.empty((channels, *box.shape), dtype=array_dtype(array), order="F")
     if inside.start != box.start or inside.stop != box.stop:
         out.fill(0)
     if not inside.empty:
@@ -172,14 +316,22 @@ def region_index(box: Box) -> tuple:
     return (slice(None),) + tuple(slice(a, b) for a, b in zip(box.start, box.stop))
 
 
-def read_region(array: ts.TensorStore, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+def read_region(array, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+    if isinstance(array, wkw_io.WkwMag):
+        if out is None:
+            return array.read(box)
+        out[...] = array.read(box)
+        return out
     if out is None:
         return array[region_index(box)].read(order="F").result()
     ts.array(out, copy=False, write=True).write(array[region_index(box)].translate_to[0, 0, 0, 0]).result()
     return out
 
 
-def write_region(array: ts.TensorStore, box: Box, data: np.ndarray) -> ts.Future:
+def write_region(array, box: Box, data: np.ndarray):
+    """Starts the write; `.result()` of the returned future waits for it."""
+    if isinstance(array, wkw_io.WkwMag):
+        return array.write(box, data)
     return array[region_index(box)].write(data)
 
 
@@ -188,17 +340,28 @@ def write_region(array: ts.TensorStore, box: Box, data: np.ndarray) -> ts.Future
 
 
 def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit: str, mags: Sequence[Mag]) -> None:
-    """Lists `mags` (finest first) in the layer group's `attributes.ome` (NGFF 0.5)."""
-    group_path = os.path.join(layer_dir, "zarr.json")
-    group = storage.read_json(group_path)
-    if group is None:
-        group = {"zarr_format": 3, "node_type": "group"}
-    attributes = group.setdefault("attributes", {})
-    ome = attributes.setdefault("ome", {"version": "0.5"})
-    ome.setdefault("version", "0.5")
-    multiscales = ome.setdefault("multiscales", [{}])
+    """Lists `mags` (finest first) in the layer group's NGFF multiscales, where the
+    reference keeps them: zarr3 `zarr.json` -> `attributes.ome` (NGFF 0.5),
+    zarr v2 `.zattrs` (NGFF 0.4, with a `.zgroup`). wkw layers have none."""
+    if layer.data_format == "wkw":
+        return
+    if layer.data_format == "zarr":
+        group_path = os.path.join(layer_dir, ".zattrs")
+        attributes = _load_json(group_path, {})
+        multiscales = attributes.setdefault("multiscales", [])
+        version = "0.4"
+        if not storage.exists(os.path.join(layer_dir, ".zgroup")):
+            storage.write_json_atomically(os.path.join(layer_dir, ".zgroup"), {"zarr_format": "2"})
+        document = attributes
+    else:
+        group_path = os.path.join(layer_dir, "zarr.json")
+        document = _load_json(group_path, {"zarr_format": 3, "node_type": "group"})
+        ome = document.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
+        ome.setdefault("version", "0.5")
+        multiscales = ome.setdefault("multiscales", [])
+        version = None  # NGFF 0.5 puts the version on the `ome` object
     if not multiscales:
-        multiscales.append({})
+        multiscales.append({"version": version} if version else {})
     scale = multiscales[0]
     scale.setdefault(
         "axes",
@@ -216,6 +379,7 @@ def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit:
                 ],
             },
         )
+
     def order(entry: dict) -> tuple:
         try:
             mag = parse_mag(entry["path"])
@@ -224,4 +388,9 @@ def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit:
             return (1, 0, (0, 0, 0))
 
     scale["datasets"] = sorted(datasets.values(), key=order)
-    storage.write_json_atomically(group_path, group)
+    storage.write_json_atomically(group_path, document)
+
+
+def _load_json(path: str, default: dict) -> dict:
+    found = storage.read_json(path)
+    return default if found is None else found

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, planning, reduce, storage
+from beam_downsample import io, planning, reduce, storage, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -34,7 +34,7 @@ from beam_downsample.properties import (
 from beam_downsample.transforms.downsample import DownsamplePass
 from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
 
-STATE_DIR = ".beam-downsample"
+STATE_DIR = io.STATE_DIR
 WORKER_OVERHEAD_BYTES = 400 << 20  # interpreter, Beam, tensorstore and its pools
 
 
@@ -97,7 +97,6 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
     layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
     check_writable(dataset.path, [layer.name for layer in layers])
     for layer in layers:
-        io.check_format(layer)
         io.check_source_array(layer, dataset.path, layer.source_mag)
     align_with = set(dataset.all_mags())
     plans = []
@@ -126,9 +125,8 @@ def _pass_config(
 ) -> PassConfig:
     if index == 0:
         source_spec = io.existing_mag_spec(layer, dataset.path, a_pass.source_mag)
-    else:
-        source_spec = io.new_mag_spec(layer, dataset.path, a_pass.source_mag)
-        source_spec = {"driver": "zarr3", "kvstore": source_spec["kvstore"]}
+    else:  # the previous pass's coarsest mag, finished before this pass starts
+        source_spec = io.mag_spec(layer, io.new_mag_path(layer, dataset.path, a_pass.source_mag))
     levels = []
     previous = a_pass.source_mag
     for mag in a_pass.target_mags:
@@ -137,7 +135,7 @@ def _pass_config(
                 mag=mag,
                 factor=factor_between(previous, mag),
                 region=planning.region_in_mag(layer.bbox, mag),
-                spec={"driver": "zarr3", "kvstore": io.new_mag_spec(layer, dataset.path, mag)["kvstore"]},
+                spec=io.target_spec(layer, dataset.path, mag),
             )
         )
         previous = mag
@@ -193,17 +191,11 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
             resuming = any(name.endswith(".done") for name in storage.list_names(config.marker_dir))
             storage.makedirs(config.marker_dir)
             for mag in a_pass.target_mags:
-                spec = io.new_mag_spec(plan.layer, dataset.path, mag)
-                if resuming:
-                    try:
-                        io.open_array(spec, open=True, create=True)
-                        io.remove_stale_write_locks(spec)
-                        continue
-                    except ValueError:
-                        pass  # different layout: start this mag over
+                kept = io.create_mag(io.new_mag_spec(plan.layer, dataset.path, mag), resuming)
+                if resuming and not kept:  # different layout: its markers are worthless
                     storage.delete_tree(config.marker_dir)
                     storage.makedirs(config.marker_dir)
-                io.open_array(spec, create=True, delete_existing=True)
+                    resuming = False
 
 
 class UnitFailed(RuntimeError):
@@ -368,6 +360,8 @@ def run_job(
         missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
         if missing:
             raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
+        io.finish_mags([level.spec for config in configs for level in config.levels],
+                       threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
         for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))

@@ -51,6 +51,16 @@ def element_class_for(dtype: np.dtype, num_channels: int) -> str:
 
 
 AXIS_ORDER = {"c": 0, "x": 1, "y": 2, "z": 3}
+WKW_CUBE_LENGTH = 1024  # voxels per wkw file edge: 32 blocks of 32
+
+
+def mag_entry(layer_name: str, mag: Mag, data_format: str) -> dict:
+    """A mag's properties entry as the reference writes it (wkw entries name their file size)."""
+    entry: dict = {"mag": list(mag), "path": f"./{layer_name}/{mag_name(mag)}"}
+    if data_format == "wkw":
+        entry["cubeLength"] = WKW_CUBE_LENGTH
+    entry["axisOrder"] = dict(AXIS_ORDER)
+    return entry
 
 
 class DatasetError(ValueError):
@@ -228,9 +238,7 @@ def with_new_mags(raw: dict, layer_name: str, mags: list[Mag]) -> dict:
         listed = {parse_mag(entry["mag"]) for entry in layer["mags"]}
         for mag in mags:
             if mag not in listed:
-                layer["mags"].append(
-                    {"mag": list(mag), "path": f"./{layer_name}/{mag_name(mag)}", "axisOrder": dict(AXIS_ORDER)}
-                )
+                layer["mags"].append(mag_entry(layer_name, mag, layer.get("dataFormat", "wkw")))
         layer["mags"].sort(key=lambda entry: (max(parse_mag(entry["mag"])), parse_mag(entry["mag"])))
     return updated
 

@@ -37,18 +37,21 @@ def block_views(data: np.ndarray, factor: Sequence[int]) -> list[np.ndarray]:
 
 
 def _mean_of_two_truncated(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`(a + b) / 2` computed in floating point and cast back by truncation.
+    """`(a + b) / 2` truncated toward zero, as the reference's float computation
+    gives for every integer it can represent; float inputs keep their precision.
 
-    Unsigned integers up to 32 bits take an exact integer shortcut
-    (floor == truncation for non-negative values); the rest go through
-    float64 like the reference, float inputs keep their own precision.
+    Integers use exact integer arithmetic (no overflow, no float64 rounding),
+    so 64-bit values above 2**53 come out exact: the floor of the mean is
+    `(a >> 1) + (b >> 1) + (a & b & 1)`, and a negative odd sum rounds up
+    to truncate toward zero (measured against the reference for int8/int16).
     """
-    if dtype.kind == "u" and dtype.itemsize <= 4:
-        return (a >> 1) + (b >> 1) + (a & b & 1)
     if dtype.kind == "f":
         wide = a.astype(np.float64) + b
         return (wide / 2).astype(dtype)
-    return ((a.astype(np.float64) + b.astype(np.float64)) / 2).astype(dtype)
+    floor = (a >> 1) + (b >> 1) + (a & b & 1)
+    if dtype.kind == "u":
+        return floor
+    return floor + ((a ^ b) & 1 & (floor < 0))
 
 
 def _middle_pair_of_four(v: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -200,15 +203,49 @@ def maximum(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
 
 
 def mean(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
-    """Block mean; integers round half to even, like tensorstore's downsample driver."""
+    """Block mean exactly as tensorstore's downsample driver computes it.
+
+    Integers round half to even. Floats are summed in their own precision
+    in the driver's order (x slowest, z fastest), so the bits agree too.
+    """
     views = block_views(data, factor)
+    n = len(views)
+    if data.dtype.kind == "f":
+        fx, fy, fz = factor
+        total = data[:, ::fx, ::fy, ::fz].copy(order="K")
+        for dx in range(fx):
+            for dy in range(fy):
+                for dz in range(fz):
+                    if dx or dy or dz:
+                        total += data[:, dx::fx, dy::fy, dz::fz]
+        total /= data.dtype.type(n)
+        return total
+    if data.dtype.itemsize == 8:
+        return _integer_mean_half_even(views)
     total = views[0].astype(np.float64)
     for view in views[1:]:
         total += view
-    total /= len(views)
-    if data.dtype.kind in "iu":
-        np.rint(total, out=total)
+    total /= n
+    np.rint(total, out=total)
     return total.astype(data.dtype)
+
+
+def _integer_mean_half_even(views: list[np.ndarray]) -> np.ndarray:
+    """Exact mean of 64-bit integers (float64 would lose digits above 2**53):
+    each value is split into `q * n + r` so the sum never overflows."""
+    dtype = views[0].dtype
+    n = dtype.type(len(views))
+    quotient = views[0] // n
+    remainder = (views[0] % n).astype(np.int64)
+    for view in views[1:]:
+        quotient += view // n
+        remainder += (view % n).astype(np.int64)
+    quotient += (remainder // len(views)).astype(dtype)
+    remainder %= len(views)
+    twice = 2 * remainder
+    round_up = (twice > len(views)) | ((twice == len(views)) & (quotient % dtype.type(2) == 1))
+    quotient += round_up.astype(dtype)
+    return quotient
 
 
 KERNELS: dict[str, Callable[[np.ndarray, Sequence[int]], np.ndarray]] = {

@@ -16,7 +16,6 @@ import threading
 from typing import Sequence
 
 import numpy as np
-import tensorstore as ts
 
 from beam_downsample import io, planning, reduce, storage
 from beam_downsample.mags import Mag
@@ -158,8 +157,8 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
 def run_unit(
     config: PassConfig,
     unit: WorkUnit,
-    source: ts.TensorStore,
-    targets: Sequence[ts.TensorStore],
+    source,
+    targets: Sequence,
     scratch: Scratch | None = None,
 ) -> UnitStats:
     """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes.
@@ -173,7 +172,7 @@ def run_unit(
     scratch = scratch or Scratch()
     stats = UnitStats(voxels_read=unit.box.voxels)
     unit_levels = _level_boxes(config, unit.box)
-    dtype = source.dtype.numpy_dtype
+    dtype = io.array_dtype(source)
     tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
     with contextlib.ExitStack() as stack:
         buffers = [

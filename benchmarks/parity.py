@@ -17,7 +17,7 @@ Each case:
 
 Prints a table case x mag (identical, or the number of differing voxels) and
 exits 1 if anything differs or a tool fails. The reference is slow (~1 min per
-tiny case) and memory hungry: cases are small, uint8..uint32 only, and run one
+tiny case) and memory hungry (uint64 above all): cases are small and run one
 at a time.
 
     python benchmarks/parity.py                 # all cases
@@ -66,11 +66,12 @@ class Case:
     prepare_flags: tuple[str, ...] | None = None
     # A failure of the reference to *create* the dataset skips the case instead of failing it.
     optional: bool = False
+    data_format: str = "zarr3"  # the layers' dataFormat, as the reference's add_layer writes it
 
     def base_key(self) -> str:
         prep = "-".join(self.prepare_flags or ()).replace("--", "").replace(" ", "")
         voxel = "x".join(f"{v:g}" for v in self.voxel_size)
-        return f"{self.data}_{voxel}" + (f"_prep-{prep}" if self.prepare_flags else "")
+        return f"{self.data}_{self.data_format}_{voxel}" + (f"_prep-{prep}" if self.prepare_flags else "")
 
 
 CASES: dict[str, Case] = {
@@ -88,6 +89,12 @@ CASES: dict[str, Case] = {
         Case("g", "as a, --layer-name segmentation (color untouched)", "real", flags=("--layer-name", "segmentation")),
         Case("h", "color uint16 with 2 channels (numChannels=2), 150x133x70 at (3,5,7), default options",
              "uint16x2", optional=True),
+        Case("i", "as a in zarr v2 (dataFormat zarr)", "real", data_format="zarr"),
+        Case("j", "as a in wkw", "real", data_format="wkw"),
+        Case("k", "segmentation uint64 with IDs above 2**53, 64x48x24 at (3,5,7), default options", "uint64"),
+        Case("l", "color RGB (elementClass uint24, 3 x uint8), 150x133x70 at (3,5,7), default options", "rgb"),
+        Case("m", "color float32 and color int16 with negative values, 150x133x70 at (3,5,7), default options",
+             "float_int16"),
     ]
 }
 
@@ -112,7 +119,8 @@ for item in spec["layers"]:
     if item.get("num_channels", 1) != 1:
         kwargs["num_channels"] = item["num_channels"]
     category = wk.SEGMENTATION_CATEGORY if item["category"] == "segmentation" else wk.COLOR_CATEGORY
-    layer = dataset.add_layer(item["name"], category, dtype_per_channel=item["dtype"], **kwargs)
+    layer = dataset.add_layer(item["name"], category, dtype_per_channel=item["dtype"],
+                              data_format=spec["data_format"], **kwargs)
     layer.add_mag(1).write(data, absolute_offset=tuple(item["top_left"]), allow_resize=True)
 print("created", spec["path"])
 '''
@@ -157,6 +165,24 @@ def input_layers(kind: str) -> list[dict]:
         second = ((seg.astype(np.uint64) * 2654435761) >> np.uint64(13)).astype(np.uint16)
         return [{"name": "color16", "category": "color", "dtype": "uint16", "num_channels": 2,
                  "data": np.stack([first, second])}]
+    if kind == "uint64":
+        seg = _crop((64, 48, 24)).astype(np.uint64)
+        labels = np.where(seg == 0, np.uint64(0), seg + np.uint64(2**60))  # differ only in the low bits
+        return [{"name": "segmentation", "category": "segmentation", "dtype": "uint64", "data": labels,
+                 "largest_segment_id": int(labels.max())}]
+    if kind == "rgb":
+        seg = _crop((150, 133, 70))
+        rgb = np.stack([render_color(seg, seed=s) for s in (3, 4, 5)])
+        return [{"name": "color", "category": "color", "dtype": "uint8", "num_channels": 3, "data": rgb}]
+    if kind == "float_int16":
+        seg = _crop((150, 133, 70))
+        color = render_color(seg, seed=6)
+        return [
+            {"name": "color_float", "category": "color", "dtype": "float32",
+             "data": (color.astype(np.float32) / 7.0 - 11.5)},
+            {"name": "color_int16", "category": "color", "dtype": "int16",
+             "data": (color.astype(np.int16) - 128) * 255 + (seg % 255).astype(np.int16)},
+        ]
     raise ValueError(f"unknown input kind {kind!r}")
 
 
@@ -214,7 +240,8 @@ class BaseDatasets:
             spec_layers.append(entry)
         spec_path = os.path.join(folder, "spec.json")
         with open(spec_path, "w", encoding="utf-8") as handle:
-            json.dump({"path": dataset, "voxel_size": list(case.voxel_size), "layers": spec_layers}, handle, indent=2)
+            json.dump({"path": dataset, "voxel_size": list(case.voxel_size), "layers": spec_layers,
+                       "data_format": case.data_format}, handle, indent=2)
         script = os.path.join(folder, "make_reference_dataset.py")
         with open(script, "w", encoding="utf-8") as handle:
             handle.write(GENERATOR)

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from beam_downsample import demo
 from beam_downsample.launch import cli
@@ -47,7 +48,10 @@ def ref_reduce(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
         s = np.sort(blocks, axis=-1)
         if n % 2:
             return s[..., n // 2]
-        return ((s[..., n // 2 - 1].astype(np.float64) + s[..., n // 2].astype(np.float64)) / 2).astype(data.dtype)
+        if data.dtype.kind == "f":
+            return ((s[..., n // 2 - 1].astype(np.float64) + s[..., n // 2]) / 2).astype(data.dtype)
+        total = s[..., n // 2 - 1].astype(object) + s[..., n // 2].astype(object)  # exact Python ints
+        return np.where(total >= 0, total // 2, -(-total // 2)).astype(data.dtype)  # truncated toward zero
     if interpolation == "mode":
         counts = (blocks[..., :, None] == blocks[..., None, :]).sum(axis=-1)
         first_best = counts.argmax(axis=-1)  # first position holding a most frequent value
@@ -58,6 +62,8 @@ def ref_reduce(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
         return blocks.min(axis=-1)
     if interpolation == "nearest":
         return blocks[..., 0]
+    if interpolation == "mean":  # documented as tensorstore's downsample driver's mean: use it
+        return ts.downsample(ts.array(data), [1, fx, fy, fz], "mean")[...].read().result()
     raise AssertionError(interpolation)
 
 

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PARITY = ROOT / "benchmarks" / "parity.py"
-ALL_CASES = "abcdefgh"
+ALL_CASES = "abcdefghijklm"
 ENABLED = os.environ.get("BEAM_DOWNSAMPLE_PARITY") == "1"
 SKIP_REASON = "reference parity is opt-in: set BEAM_DOWNSAMPLE_PARITY=1 (runs webknossos 4.3.3; ~1-2 min per case)"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import fractions
 import itertools
 import zlib
 
@@ -15,15 +16,13 @@ from beam_downsample import reduce
 # plain-Python reference
 
 
-def block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor) -> list:
-    """The block's values as Python scalars, in block order (y fastest, then x, then z)."""
+def block(data: np.ndarray, c: int, ox: int, oy: int, oz: int, factor, c_order: bool = False) -> list:
+    """The block's values as Python scalars, in block order (y fastest, then x, then z),
+    or with `c_order` x slowest and z fastest (the order tensorstore sums a float mean in)."""
     fx, fy, fz = factor
-    return [
-        data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item()
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
+    offsets = itertools.product(range(fx), range(fy), range(fz)) if c_order else (
+        (dx, dy, dz) for dz in range(fz) for dx in range(fx) for dy in range(fy))
+    return [data[c, ox * fx + dx, oy * fy + dy, oz * fz + dz].item() for dx, dy, dz in offsets]
 
 
 def ref_median(values, dtype):
@@ -31,8 +30,10 @@ def ref_median(values, dtype):
     n = len(s)
     if n % 2:
         return s[n // 2]
-    v = (float(s[n // 2 - 1]) + float(s[n // 2])) / 2
-    return np.array(v).astype(dtype)
+    if np.dtype(dtype).kind == "f":
+        return np.array((float(s[n // 2 - 1]) + float(s[n // 2])) / 2).astype(dtype)
+    total = s[n // 2 - 1] + s[n // 2]  # Python ints: exact, truncated toward zero
+    return abs(total) // 2 * (1 if total >= 0 else -1)
 
 
 def ref_mode(values, dtype):
@@ -44,13 +45,14 @@ def ref_mode(values, dtype):
 
 
 def ref_mean(values, dtype):
-    total = float(values[0])
-    for v in values[1:]:
-        total += v
-    total /= len(values)
+    """Integers: exact, half to even (Python's round of a Fraction). Floats: summed
+    in their own precision in C order (see `block`), like tensorstore."""
     if np.dtype(dtype).kind in "iu":
-        total = np.rint(total)
-    return np.array(total).astype(dtype)
+        return round(fractions.Fraction(sum(values), len(values)))
+    total = np.array(values[0], dtype=dtype)
+    for v in values[1:]:
+        total = (total + np.array(v, dtype=dtype)).astype(dtype)
+    return (total / np.array(len(values), dtype=dtype)).astype(dtype)
 
 
 REFERENCE = {
@@ -69,7 +71,8 @@ def reference(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
     out = np.zeros((c, x // fx, y // fy, z // fz), dtype=data.dtype)
     fn = REFERENCE[interpolation]
     for ci, ox, oy, oz in itertools.product(range(c), range(x // fx), range(y // fy), range(z // fz)):
-        out[ci, ox, oy, oz] = fn(block(data, ci, ox, oy, oz, factor), data.dtype)
+        values = block(data, ci, ox, oy, oz, factor, c_order=interpolation == "mean" and data.dtype.kind == "f")
+        out[ci, ox, oy, oz] = fn(values, data.dtype)
     return out
 
 
@@ -77,7 +80,7 @@ def reference(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
 # data
 
 FACTORS = [(2, 2, 1), (2, 2, 2), (1, 1, 2), (2, 1, 1), (4, 4, 1), (4, 2, 2), (1, 1, 1)]
-DTYPES = ["uint8", "uint16", "uint32", "uint64", "int16", "float32"]
+DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64"]
 OUT_SHAPE = (3, 4, 2)  # output voxels per axis
 
 
@@ -123,11 +126,37 @@ def test_kernel_matches_reference(interpolation, dtype, factor, kind):
     check(data, factor, interpolation)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int16", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("factor", FACTORS, ids=lambda f: "x".join(map(str, f)))
 @pytest.mark.parametrize("kind", ["ties", "wide"])
 def test_mean_matches_reference(dtype, factor, kind):
     check(make(dtype, factor, kind, seed=7), factor, "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("factor", [(2, 2, 2), (2, 2, 1), (4, 2, 1)], ids=lambda f: "x".join(map(str, f)))
+def test_mean_bit_identical_to_tensorstore(dtype, factor):
+    """The README promises tensorstore's rounding: checked against its downsample driver."""
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+    data = make(dtype, factor, "wide", seed=11)
+    if np.dtype(dtype).itemsize == 8 and np.dtype(dtype).kind in "iu":
+        data = data // 8 * 8 + (data % 8)  # wide 64-bit values, above 2**53
+    expected = ts.downsample(ts.array(data), [1, *factor], "mean")[...].read().result()
+    np.testing.assert_array_equal(reduce.downsample(data, factor, "mean"), expected)
+
+
+def test_signed_median_truncates_toward_zero():
+    """Measured with the reference on int8/int16 layers: (-3 + -2) / 2 = -2.5 -> -2, not -3."""
+    data = np.array([-3, -2, 3, 2, -128, -127, 127, 126], dtype=np.int8).reshape(1, 8, 1, 1)
+    assert reduce.downsample(data, (2, 1, 1), "median").ravel().tolist() == [-2, 2, -127, 126]
+    big = np.array([-(2**62) - 1, -(2**62) - 2], dtype=np.int64).reshape(1, 2, 1, 1)
+    assert reduce.downsample(big, (2, 1, 1), "median").ravel().tolist() == [-(2**62) - 1]
+
+
+def test_float_median_not_truncated():
+    data = np.array([0.5, 1.0, -0.25, -2.0], dtype=np.float32).reshape(1, 4, 1, 1)
+    assert reduce.downsample(data, (2, 1, 1), "median").ravel().tolist() == [0.75, -1.125]
 
 
 def test_mean_rounds_half_to_even():

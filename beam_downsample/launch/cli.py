@@ -66,7 +66,7 @@ flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching th
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
 
-Downsamples a WEBKNOSSOS dataset (zarr3) into a mag pyramid, voxel-identical to
+Downsamples a WEBKNOSSOS dataset (zarr3, zarr v2, wkw) into a mag pyramid, voxel-identical to
 `webknossos downsample`, as an Apache Beam pipeline. TARGET is a directory or
 gs://bucket/path (Application Default Credentials; STORAGE_EMULATOR_HOST for an emulator).
 """

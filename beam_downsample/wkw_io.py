@@ -1,0 +1,184 @@
+"""wkw mags (the original WEBKNOSSOS format) behind the same small interface
+as the tensorstore arrays: open, read a box, write a box.
+
+tensorstore has no wkw driver, so this uses the maintained `wkw` package.
+New mags get the reference's layout: blocks of 32^3 voxels in files of
+32^3 blocks (1024^3 voxels), LZ4HC-compressed (verified byte for byte
+against files the reference writes).
+
+A compressed wkw file can only be written whole, which would make every
+work unit hold 1024^3 voxels per level. Instead, units write their
+(block-aligned) boxes into an uncompressed *staging* copy of the mag, where
+partial writes are allowed, and `compress_staged` turns each finished
+staging file into the final LZ4HC file after the pass (atomic rename).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+import wkw
+from wkw.wkw import WKWException
+
+from beam_downsample.planning import Box
+
+BLOCK_LEN = 32  # voxels per block edge
+FILE_LEN = 32  # blocks per file edge: files of 1024^3 voxels
+# wkw addresses voxels with uint32 offsets from 0.
+DOMAIN = Box((0, 0, 0), (2**31, 2**31, 2**31))
+
+
+class Written:
+    """A finished write, shaped like tensorstore's future."""
+
+    @staticmethod
+    def result() -> None:
+        return None
+
+
+class WkwMag:
+    """One wkw mag: reads come from `path`, writes go to the staging copy (if any)."""
+
+    def __init__(self, path: str, staging: str | None = None):
+        """Raises ValueError (like tensorstore's open) if `path` holds no readable wkw mag."""
+        for root in (path, staging) if staging else (path,):
+            if not os.path.isfile(os.path.join(root, "header.wkw")):
+                raise ValueError(f"no wkw header at {os.path.join(root, 'header.wkw')}")
+        try:
+            self._dataset = wkw.Dataset.open(path)
+            self._staging = wkw.Dataset.open(staging) if staging else None
+        except WKWException as error:
+            raise ValueError(f"{path}: {error}") from None
+        self.dtype = np.dtype(self._dataset.header.voxel_type)
+        self.channels = self._dataset.header.num_channels
+
+    def read(self, box: Box) -> np.ndarray:
+        """(c, x, y, z) in Fortran order; voxels of files that do not exist read as 0."""
+        return self._dataset.read(box.start, box.shape)
+
+    def write(self, box: Box, data: np.ndarray) -> Written:
+        if self._staging is None:
+            raise ValueError("this wkw mag was opened for reading only")
+        self._staging.write(box.start, np.asfortranarray(data))
+        return Written()
+
+
+def header(dtype: np.dtype, channels: int, block_type: int) -> wkw.Header:
+    return wkw.Header(
+        voxel_type=np.dtype(dtype).type,
+        num_channels=channels,
+        block_len=BLOCK_LEN,
+        file_len=FILE_LEN,
+        block_type=block_type,
+    )
+
+
+def create(path: str, dtype: np.dtype, channels: int, staging: str) -> None:
+    """The final (LZ4HC) mag with only its header, and an empty uncompressed staging copy."""
+    wkw.Dataset.create(path, header(dtype, channels, wkw.Header.BLOCK_TYPE_LZ4HC)).close()
+    create_staging(staging, dtype, channels)
+
+
+def create_staging(staging: str, dtype: np.dtype, channels: int) -> None:
+    wkw.Dataset.create(staging, header(dtype, channels, wkw.Header.BLOCK_TYPE_RAW)).close()
+
+
+def create_staging_files(staging: str, region: Box) -> None:
+    """Creates every staging file that `region` touches (one zero block each), before
+    any worker runs: concurrent units then only write blocks into existing files
+    and never race to create one. Only for a fresh staging copy (see io)."""
+    dataset = wkw.Dataset.open(staging)
+    try:
+        file_voxels = BLOCK_LEN * FILE_LEN
+        first = [a // file_voxels for a in region.start]
+        last = [-(-b // file_voxels) for b in region.stop]
+        for fz in range(first[2], last[2]):
+            for fy in range(first[1], last[1]):
+                for fx in range(first[0], last[0]):
+                    if os.path.exists(os.path.join(staging, f"z{fz}", f"y{fy}", f"x{fx}.wkw")):
+                        continue
+                    file_box = Box((fx * file_voxels, fy * file_voxels, fz * file_voxels),
+                                   ((fx + 1) * file_voxels, (fy + 1) * file_voxels, (fz + 1) * file_voxels))
+                    corner = [a // BLOCK_LEN * BLOCK_LEN for a in file_box.intersect(region).start]
+                    zeros = np.zeros((dataset.header.num_channels, BLOCK_LEN, BLOCK_LEN, BLOCK_LEN),
+                                     dtype=dataset.header.voxel_type, order="F")
+                    dataset.write(corner, zeros)
+    finally:
+        dataset.close()
+
+
+def staged_files(staging: str) -> Iterator[str]:
+    """Relative paths (`z0/y0/x0.wkw`) of the staging copy's data files."""
+    for directory, _, files in os.walk(staging):
+        for name in files:
+            if name.endswith(".wkw") and name != "header.wkw":
+                yield os.path.relpath(os.path.join(directory, name), staging)
+
+
+# A file whose data (the region's part of it) is at most this big is compressed
+# from memory: a zero-filled numpy array costs nothing where it is not touched,
+# whereas the library's file-to-file compression reads every byte of the
+# staging file (1 GiB of sparse zeros per uint8 file: seconds of system time).
+# A thread holds about twice this; see COMPRESS_THREADS.
+IN_MEMORY_BYTES = 128 << 20
+COMPRESS_THREADS = 4  # at most: 4 x 2 x 128 MiB stays inside the default 2G budget
+
+
+def compress_staged(mags: Sequence[tuple[str, str, Box]], threads: int = 1) -> int:
+    """Compresses every staging file of every `(staging, path, region)` mag into its
+    final place and deletes it; returns the file count. All files of all mags share
+    one thread pool (the wkw library releases the GIL while compressing).
+
+    Each file is compressed into a temp copy inside the staging area and renamed,
+    so a crash leaves the mag with the old or the new file and no debris; a
+    rerun compresses what is still staged.
+    """
+    files = [(staging, path, region, relative)
+             for staging, path, region in mags for relative in sorted(staged_files(staging))]
+    for staging, path, _ in mags:
+        temp_root = staging + ".lz4hc"
+        if not os.path.isdir(temp_root):
+            with wkw.Dataset.open(path) as final:
+                wkw.Dataset.create(temp_root, final.header).close()
+
+    def compress(staging: str, path: str, region: Box, relative: str) -> None:
+        temp = os.path.join(staging + ".lz4hc", relative)
+        if os.path.exists(temp):
+            os.unlink(temp)  # left by a crashed compression
+        compress_file(staging, relative, region)
+        target = os.path.join(path, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(temp, target)
+        os.unlink(os.path.join(staging, relative))
+
+    with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+        for future in [pool.submit(compress, *item) for item in files]:
+            future.result()
+    return len(files)
+
+
+def compress_file(staging: str, relative: str, region: Box) -> None:
+    """Staging file `relative` -> the same file, compressed, in `staging + ".lz4hc"`."""
+    part = file_box(relative).intersect(region)
+    with wkw.Dataset.open(staging) as staged:
+        item_bytes = np.dtype(staged.header.voxel_type).itemsize * staged.header.num_channels
+        if part.voxels * item_bytes > IN_MEMORY_BYTES:
+            os.makedirs(os.path.dirname(os.path.join(staging + ".lz4hc", relative)), exist_ok=True)
+            wkw.File.compress(os.path.join(staging, relative), os.path.join(staging + ".lz4hc", relative))
+            return
+        whole = file_box(relative)
+        data = np.zeros((staged.header.num_channels, *whole.shape), dtype=staged.header.voxel_type, order="F")
+        inside = (slice(None),) + tuple(slice(a - s, b - s) for a, b, s in zip(part.start, part.stop, whole.start))
+        data[inside] = staged.read(part.start, part.shape)
+    with wkw.Dataset.open(staging + ".lz4hc") as compressed:
+        compressed.write(whole.start, data)
+
+
+def file_box(relative: str) -> Box:
+    """The voxels of the file `z{z}/y{y}/x{x}.wkw`."""
+    z, y, x = (int(part[1:].split(".")[0]) for part in relative.split(os.sep))
+    size = BLOCK_LEN * FILE_LEN
+    return Box((x * size, y * size, z * size), ((x + 1) * size, (y + 1) * size, (z + 1) * size))
