@@ -36,6 +36,7 @@ from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
 
 STATE_DIR = io.STATE_DIR
 WORKER_OVERHEAD_BYTES = 400 << 20  # interpreter, Beam, tensorstore and its pools
+DEFAULT_MEMORY_BUDGET = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class JobOptions:
     layer_name: Optional[str] = None
     coarsest_mag: Optional[Mag] = None
     interpolation: Optional[str] = None
-    memory_budget: int = 2 << 30
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     jobs: int = 1
     # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.
     worker_memory: Optional[int] = None

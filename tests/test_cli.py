@@ -326,3 +326,11 @@ def test_subprocess_dry_run_with_beam_flag(tiny_dataset):
     assert result.returncode == 0, result.stderr
     assert "color" in result.stdout and "segmentation" in result.stdout
     assert tree_digest(tiny_dataset.parent) == before
+
+
+@pytest.mark.parametrize("text, size", [
+    ("2G", 2 << 30), ("2GiB", 2 << 30), ("1500M", 1500 << 20), ("1.5g", 3 << 29),
+    ("2GB", 2_000_000_000), ("1500MB", 1_500_000_000), ("1tb", 10**12),
+])
+def test_memory_budget_sizes_binary_and_decimal(text, size):
+    assert cli._parse_size(text) == size

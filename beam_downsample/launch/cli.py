@@ -61,7 +61,7 @@ flags.DEFINE_enum(
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", "2G",
-    "Memory for the whole process tree (e.g. 2G, 1500M); sizes the work units.", flag_values=FLAGS)
+    "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units.", flag_values=FLAGS)
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
@@ -82,11 +82,13 @@ def _fail(message: str) -> int:
 
 
 def _parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    """`2G`, `2GiB`, `1500M`: powers of 1024; `2GB`, `1500MB`: powers of 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*", text)
     if not match:
-        raise runners.UsageError(f"--memory-budget: {text!r} is not a size like 2G or 1500M")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2).lower()]
-    value = int(float(match.group(1)) * scale)
+        raise runners.UsageError(f"--memory-budget: {text!r} is not a size like 2G, 2GB or 1500M")
+    prefix, binary, byte = match.group(2).lower(), match.group(3), match.group(4)
+    base = 1000 if prefix and byte and not binary else 1024
+    value = int(float(match.group(1)) * base ** " kmgt".index(prefix or " "))
     if value < 256 << 20:
         raise runners.UsageError(f"--memory-budget: {text!r} is too small (at least 256M)")
     return value
