@@ -35,7 +35,7 @@ from beam_downsample.transforms.downsample import DownsamplePass
 from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
 
 STATE_DIR = io.STATE_DIR
-WORKER_OVERHEAD_BYTES = 400 << 20  # interpreter, Beam, tensorstore and its pools
+WORKER_OVERHEAD_BYTES = 300 << 20  # interpreter, Beam, tensorstore and its pools
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
 

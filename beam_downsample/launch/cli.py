@@ -21,7 +21,7 @@ configure_quiet_logging()  # before Beam is imported: it warns about optional GC
 # pylint: disable=wrong-import-position
 from beam_downsample import job, reduce
 from beam_downsample.launch import runners
-from beam_downsample.machine import available_cores
+from beam_downsample.machine import available_cores, limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
 from beam_downsample.planning import SAMPLING_MODES, PlanningError
 from beam_downsample.properties import DatasetError, load_dataset
@@ -235,4 +235,5 @@ class _ProgressBar:
 
 
 def run() -> None:
+    limit_malloc_arenas()
     sys.exit(main())

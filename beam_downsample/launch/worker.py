@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from beam_downsample.machine import limit_malloc_arenas
+
 _HARMLESS = ("No semi_persistent_directory found", "apitools not found")
 
 
@@ -34,6 +36,7 @@ def configure_quiet_logging() -> None:
 
 
 def main() -> None:
+    limit_malloc_arenas()
     configure_quiet_logging()
     from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=import-outside-toplevel
 
