@@ -18,9 +18,10 @@ from typing import Sequence
 import numpy as np
 
 from beam_downsample import io
-from beam_downsample.mags import Mag, mag_name
+from beam_downsample.mags import Mag
 from beam_downsample.planning import Box
-from beam_downsample.properties import element_class_for, mag_entry, save_properties, write_json_atomically
+from beam_downsample.properties import element_class_for, mag_entry, save_properties
+from beam_downsample.storage import write_json_atomically
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 SEGMENTATION_FILE = os.path.join(DATA_DIR, "connectomics.npy.ckl.gz")

@@ -27,7 +27,6 @@ from beam_downsample.properties import (
     Dataset,
     DatasetError,
     Layer,
-    remove_stale_temp_files,
     update_properties,
     with_new_mags,
 )
@@ -372,7 +371,7 @@ def run_job(
         # Applied to the current properties: another layer's run may have listed its mags.
         update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
     for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
-        remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
+        storage.remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
         storage.delete_tree(os.path.join(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
 

@@ -16,7 +16,6 @@ import numpy as np
 from beam_downsample import storage
 from beam_downsample.mags import Mag, MagError, mag_name, parse_mag, sort_mags
 from beam_downsample.planning import Box
-from beam_downsample.storage import TEMP_PREFIX, remove_stale_temp_files, write_json_atomically  # noqa: F401
 
 PROPERTIES_FILE = "datasource-properties.json"
 
@@ -163,10 +162,6 @@ def _parse_layer(raw: dict, index: int) -> Layer:
     )
 
 
-def load_raw_properties(path: str) -> dict:
-    return storage.read_json(os.path.join(path, PROPERTIES_FILE))
-
-
 def _read_properties_text(path: str) -> tuple[str, str]:
     """(where, text) of the properties; DatasetError if TARGET is no dataset."""
     if storage.is_gcs(path):
@@ -244,8 +239,7 @@ def with_new_mags(raw: dict, layer_name: str, mags: list[Mag]) -> dict:
 
 
 def save_properties(dataset_path: str, raw: dict) -> None:
-    remove_stale_temp_files(dataset_path)
-    write_json_atomically(os.path.join(dataset_path, PROPERTIES_FILE), raw)
+    storage.write_json_atomically(os.path.join(dataset_path, PROPERTIES_FILE), raw)
 
 
 def update_properties(dataset_path: str, change: Callable[[dict], dict]) -> dict:

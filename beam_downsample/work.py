@@ -135,7 +135,8 @@ def mark_done(config: PassConfig, unit: WorkUnit) -> None:
     storage.write_text(marker_path(config, unit), "done\n")
 
 
-def _level_boxes(config: PassConfig, box: Box) -> list[Box]:
+def level_boxes(config: PassConfig, box: Box) -> list[Box]:
+    """`box` in each level's voxels, in the order the pass makes the levels."""
     boxes = []
     for level in config.levels:
         box = box.scaled_down(level.factor)
@@ -171,14 +172,10 @@ def run_unit(
     """
     scratch = scratch or Scratch()
     stats = UnitStats(voxels_read=unit.box.voxels)
-    unit_levels = _level_boxes(config, unit.box)
+    unit_levels = level_boxes(config, unit.box)
     dtype = io.array_dtype(source)
     tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
-    with contextlib.ExitStack() as stack:
-        buffers = [
-            stack.enter_context(scratch.borrow(f"level{i}", (config.channels, *b.shape), dtype))
-            for i, b in enumerate(unit_levels)
-        ]
+    with level_buffers(scratch, config, unit_levels, dtype) as buffers:
 
         def work_on(tile: Box) -> None:
             with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
@@ -191,13 +188,30 @@ def run_unit(
             with concurrent.futures.ThreadPoolExecutor(config.threads) as pool:
                 for future in [pool.submit(work_on, tile) for tile in tiles]:
                     future.result()
-        pending = []
-        for level, target, buffer, unit_box in zip(config.levels, targets, buffers, unit_levels):
-            written = unit_box.intersect(level.region)
-            if written.empty:
-                continue
-            pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)]))
-            stats.voxels_written += written.voxels
+        pending, stats.voxels_written = start_level_writes(config, targets, buffers, unit_levels)
         for future in pending:
             future.result()
     return stats
+
+
+@contextlib.contextmanager
+def level_buffers(scratch: Scratch, config: PassConfig, unit_levels: Sequence[Box], dtype: np.dtype):
+    """One borrowed buffer per level of the unit, returned to `scratch` on exit."""
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(scratch.borrow(f"level{i}", (config.channels, *b.shape), dtype))
+            for i, b in enumerate(unit_levels)
+        ]
+
+
+def start_level_writes(config: PassConfig, targets: Sequence, buffers: Sequence[np.ndarray],
+                       unit_levels: Sequence[Box]) -> tuple[list, int]:
+    """Starts one write per level (the unit's part of the layer's region); (futures, voxels written)."""
+    pending, voxels = [], 0
+    for level, target, buffer, unit_box in zip(config.levels, targets, buffers, unit_levels):
+        written = unit_box.intersect(level.region)
+        if written.empty:
+            continue
+        pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)]))
+        voxels += written.voxels
+    return pending, voxels

@@ -36,7 +36,8 @@ import numpy as np
 from beam_downsample import io
 from beam_downsample.demo import layer_properties, load_segmentation
 from beam_downsample.planning import Box
-from beam_downsample.properties import load_dataset, save_properties, write_json_atomically
+from beam_downsample.properties import load_dataset, save_properties
+from beam_downsample.storage import write_json_atomically
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 DEFAULT_SIZE = (1024, 1024, 512)

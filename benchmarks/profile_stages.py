@@ -20,12 +20,10 @@ _STARTED = time.perf_counter()
 
 # pylint: disable=wrong-import-position
 import argparse
-import contextlib
 import os
 import shutil
 import tempfile
 
-import numpy as np
 import tensorstore as ts
 
 from beam_downsample import io, job, planning, work
@@ -84,31 +82,21 @@ def main() -> None:
 
 def profile_unit(watch, scratch, config, unit, source, targets) -> None:
     """`work.run_unit` on one thread, each stage timed on its own."""
-    unit_levels = [unit.box]
-    for level in config.levels:
-        unit_levels.append(unit_levels[-1].scaled_down(level.factor))
-    unit_levels = unit_levels[1:]
-    dtype = source.dtype.numpy_dtype
-    with contextlib.ExitStack() as stack:
-        buffers = [stack.enter_context(scratch.borrow(f"level{i}", (config.channels, *b.shape), dtype))
-                   for i, b in enumerate(unit_levels)]
-        profile_tiles(watch, scratch, config, unit, source, targets, buffers, unit_levels)
+    unit_levels = work.level_boxes(config, unit.box)
+    dtype = io.array_dtype(source)
+    with work.level_buffers(scratch, config, unit_levels, dtype) as buffers:
+        for tile in planning.split_box(unit.box, config.tile_alignment, config.tile_voxels):
+            with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
+                watch.measure(config.layer, "decode", lambda: io.read_box(source, tile, config.channels, out=data))
+                watch.measure(config.layer, "reduce",
+                              lambda: work.reduce_tile(config, tile, data, buffers, unit_levels))
 
+        def encode():
+            pending, _ = work.start_level_writes(config, targets, buffers, unit_levels)
+            for future in pending:
+                future.result()
 
-def profile_tiles(watch, scratch, config, unit, source, targets, buffers, unit_levels) -> None:
-    dtype = source.dtype.numpy_dtype
-    for tile in planning.split_box(unit.box, config.tile_alignment, config.tile_voxels):
-        with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
-            watch.measure(config.layer, "decode", lambda: io.read_box(source, tile, config.channels, out=data))
-            watch.measure(config.layer, "reduce", lambda: work.reduce_tile(config, tile, data, buffers, unit_levels))
-
-    def encode():
-        for level, target, buffer, box in zip(config.levels, targets, buffers, unit_levels):
-            written = box.intersect(level.region)
-            if not written.empty:
-                io.write_region(target, written, buffer[io.local_index(written, box)]).result()
-
-    watch.measure(config.layer, "encode", encode)
+        watch.measure(config.layer, "encode", encode)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from beam_downsample import demo
 from beam_downsample.launch import cli
 from beam_downsample.mags import mag_name
 from conftest import read_properties, run_cli, tree_bytes, tree_digest, write_properties
-from test_end_to_end import reference_pyramid, region, run_sequential
+from test_end_to_end import reference_pyramid, run_sequential
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 SHAPE = (40, 36, 12)

@@ -27,7 +27,8 @@ import pytest
 
 from beam_downsample import demo, io, job, work
 from beam_downsample.mags import mag_name, parse_mag
-from beam_downsample.properties import TEMP_PREFIX, load_dataset
+from beam_downsample.properties import load_dataset
+from beam_downsample.storage import TEMP_PREFIX
 from beam_downsample.launch import runners
 from beam_downsample.transforms.downsample import DownsampleUnitFn
 from conftest import PROPERTIES, read_properties, run_cli, tiny_layers, tree_bytes, tree_digest
@@ -563,8 +564,8 @@ def test_lock_concurrent_runs_on_two_layers_keep_every_new_mag(concurrent_layers
 
 def _run_in_process(dataset, plans) -> None:
     """What the CLI does after planning, in this process (sequential strategy)."""
-    runner, pipeline_options = runners.pipeline_setup("sequential", 1, [])
-    job.run_job(dataset, plans, runner, pipeline_options, log=lambda message: None)
+    engine = runners.plan_engine("sequential", None, [])
+    job.run_job(dataset, plans, engine.runner, engine.options, log=lambda message: None)
 
 
 def test_other_layer_run_leaves_this_runs_marker_dirs_alone(tiny_base, tiny_clean, tmp_path):

@@ -82,12 +82,6 @@ def split_beam_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return positional, beam_flags
 
 
-def pipeline_setup(strategy: str, jobs: int, beam_flags: Sequence[str]):
-    """(runner, PipelineOptions) for a local strategy; `--runner=...` in beam_flags wins."""
-    runner, overrides = _local_runner(strategy, jobs, beam_flags)
-    return runner, PipelineOptions(list(beam_flags), **overrides)
-
-
 def _local_runner(strategy: str, jobs: int, beam_flags: Sequence[str]) -> tuple[object, dict]:
     """(runner, option overrides) of multiprocessing/sequential, or the runner named by --runner."""
     user_runner = PipelineOptions(list(beam_flags)).get_all_options().get("runner")
