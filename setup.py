@@ -24,6 +24,9 @@ setup(
         "tqdm>=4.60",
         "crackle-codec>=0.30",
         "wkw>=1.1.24",
+        # Compiled median/mode kernels (beam_downsample/compiled.py): wheels for
+        # Linux/macOS/Windows, no compiler needed; 0.60 is the first for numpy 2.
+        "numba>=0.60",
     ],
     extras_require={
         "dask": DASK,
