@@ -372,7 +372,7 @@ def test_compiled_kernels_cover_real_plans():
     """numba is a dependency: the factors real plans use must not fall back to numpy silently."""
     assert reduce._compiled() is compiled  # pylint: disable=protected-access
     for dtype, factor, interpolation in itertools.product(DTYPES, COMPILED_FACTORS, ["median", "mode"]):
-        assert compiled.available(np.zeros((1, 4, 4, 4), dtype=dtype), factor, interpolation)
+        assert compiled.available(np.zeros((1, 4, 4, 4), dtype=dtype, order="F"), factor, interpolation)
 
 
 @pytest.mark.parametrize("interpolation", ["median", "mode"])
