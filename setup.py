@@ -19,6 +19,9 @@ setup(
         "apache-beam>=2.60",
         "numpy>=1.24,<2.5",
         "tensorstore>=0.1.65",
+        # tensorstore's dtype library: 0.7.0 takes 0.56 CPU-s to import (0.6.0: 0.01),
+        # paid by the launcher and every worker process (benchmarks/startup.py).
+        "ml_dtypes>=0.5,<0.7",
         "google-cloud-storage>=2.10",
         "absl-py>=1.4",
         "tqdm>=4.60",
