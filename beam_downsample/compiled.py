@@ -189,16 +189,16 @@ if numba is not None:
 
     @_jit
     def _mode4(v0, v1, v2, v3):
-        """Most frequent of four, ties to the first in block order."""
-        c0 = 1 + (v0 == v1) + (v0 == v2) + (v0 == v3)
-        c1 = 1 + (v1 == v2) + (v1 == v3)
-        c2 = 1 + (v2 == v3)
-        best, count = v0, c0
-        if c1 > count:
-            best, count = v1, c1
-        if c2 > count:
-            best = v2
-        return best
+        """Most frequent of four, ties to the first in block order. As logic, not
+        counts (64-bit counters halved the vector width): a value met twice wins
+        unless one met later is met more often, which four voxels cannot hold."""
+        if (v0 == v1) | (v0 == v2) | (v0 == v3):
+            return v0
+        if (v1 == v2) | (v1 == v3):
+            return v1
+        if v2 == v3:
+            return v2
+        return v0
 
     @_jit
     def _mode8(v0, v1, v2, v3, v4, v5, v6, v7):
