@@ -90,7 +90,7 @@ from beam_downsample import compiled
 src = np.zeros((1, 64, 64, 64), dtype=np.{dtype}, order="F")
 dst = np.zeros((1, 32, 32, 64), dtype=np.{dtype}, order="F")
 t2 = time.perf_counter(); c2 = time.process_time()
-compiled.KERNELS["{interpolation}", (2, 2, 1)](src, 0, 0, 0, dst, 0, 0, 0, 32, 32, 64)
+compiled.downsample_box(src, (0, 0, 0), dst, (0, 0, 0), (32, 32, 64), (2, 2, 1), "{interpolation}")
 t3 = time.perf_counter(); c3 = time.process_time()
 print(json.dumps({{"import_numba": c1 - c0, "first_call": c3 - c2, "first_call_wall": t3 - t2}}))
 """
