@@ -110,7 +110,7 @@ def marker_path(config: PassConfig, unit: WorkUnit) -> str:
     """Named by the box only: the directory names the pass (mags, interpolation),
     so a rerun that numbers its passes differently still finds its markers."""
     box = "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop))
-    return os.path.join(config.marker_dir, f"{box}.done")
+    return storage.join_inside(config.marker_dir, f"{box}.done")
 
 
 def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
@@ -123,7 +123,7 @@ def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> 
 def failures(config: PassConfig) -> list[str]:
     """Failure records of this pass's units, oldest run included."""
     names = storage.list_names(config.marker_dir)
-    return sorted(os.path.join(config.marker_dir, n) for n in names if n.endswith(".failed"))
+    return sorted(storage.join_inside(config.marker_dir, n) for n in names if n.endswith(".failed"))
 
 
 def is_done(config: PassConfig, unit: WorkUnit) -> bool:
