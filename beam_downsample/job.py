@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import socket
-import threading
-import time
 from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, planning, reduce, storage, wkw_io
+from beam_downsample import io, locks, markers, planning, reduce, storage, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -32,7 +28,8 @@ from beam_downsample.properties import (
     with_new_mags,
 )
 from beam_downsample.transforms.downsample import DownsamplePass
-from beam_downsample.work import LevelConfig, PassConfig, failures, is_done
+from beam_downsample.progress import Progress
+from beam_downsample.work import LevelConfig, PassConfig
 
 STATE_DIR = io.STATE_DIR
 WORKER_OVERHEAD_BYTES = 300 << 20  # interpreter, Beam, tensorstore and its pools
@@ -200,10 +197,6 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
                     resuming = False
 
 
-def lock_path(dataset_path: str, layer_name: str) -> str:
-    return storage.join_inside(dataset_path, STATE_DIR, f"{layer_name}.lock")
-
-
 def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     """Every file the run will create or replace outside the pass configs (which
     already built theirs through `storage.join_inside`) is checked before the
@@ -212,113 +205,12 @@ def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     for plan in plans:
         storage.join_inside(dataset.path, plan.layer.name)
         storage.join_inside(dataset.path, STATE_DIR, plan.layer.name)
-        lock_path(dataset.path, plan.layer.name)
+        locks.lock_path(dataset.path, plan.layer.name)
         io.ngff_files(plan.layer, dataset.path)
 
 
 class UnitFailed(RuntimeError):
     """A work unit failed; the message is one line naming the unit and why."""
-
-
-class LockError(RuntimeError):
-    """Another run holds the layer."""
-
-
-class LayerLocks:
-    """One run at a time per layer: `.beam-downsample/<layer>.lock` holds pid and host.
-
-    A lock whose process is gone (same host, pid not alive) is stale and taken over.
-    """
-
-    def __init__(self, dataset: Dataset, layer_names: Sequence[str], log: Callable[[str], None] = print):
-        self._paths = [lock_path(dataset.path, name) for name in layer_names]
-        self._held: list[str] = []
-        self._log = log
-
-    def __enter__(self):
-        try:
-            for path in self._paths:
-                self._acquire(path)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _acquire(self, path: str) -> None:
-        storage.makedirs(os.path.dirname(path))
-        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        for _ in range(2):
-            if not storage.create_exclusive(path, content):
-                holder = _read_lock(path)
-                if holder == json.loads(content):  # ours: a retried GCS create whose first try got through
-                    self._held.append(path)
-                    return
-                if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
-                    self._log(f"removing stale lock {path} (pid {holder.get('pid')} is gone)")
-                    storage.delete(path)
-                    continue
-                raise LockError(
-                    f"layer {os.path.basename(path)[:-5]!r} is being downsampled by pid {holder.get('pid')} on "
-                    f"{holder.get('host')} (lock {path}); if that run is gone, delete the lock file"
-                )
-            self._held.append(path)
-            return
-
-    def __exit__(self, *exc):
-        for path in self._held:
-            storage.delete(path)
-        if self._held:
-            storage.remove_dir_if_empty(os.path.dirname(self._held[0]))
-        self._held = []
-
-
-def _read_lock(path: str) -> dict:
-    try:
-        return json.loads(storage.read_text(path) or "{}")
-    except (OSError, ValueError):
-        return {}
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Progress:
-    """Counts done-markers in the background: works for every runner on a shared disk or GCS.
-
-    On GCS each count is a listing (a request per 1,000 markers), so it polls less often.
-    """
-
-    def __init__(self, configs: Sequence[PassConfig], total: int, label: str, report: Callable[[int, int, str], None]):
-        self._dirs = [c.marker_dir for c in configs]
-        self._interval = 5.0 if any(storage.is_gcs(d) for d in self._dirs) else 0.5
-        self._total, self._label, self._report = total, label, report
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def count(self) -> int:
-        return sum(len([n for n in storage.list_names(d) if n.endswith(".done")]) for d in self._dirs)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._report(self.count(), self._total, self._label)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._report(self.count(), self._total, self._label)
 
 
 def _passes(plans: Sequence[LayerPlan]):
@@ -355,27 +247,28 @@ def run_job(
     pass_count = max((len(p.passes) for p in plans), default=0)
     for index, active, units, configs in _passes(plans):
         for config in configs:
-            for stale in failures(config):  # an earlier run's failures: these units run again
+            for stale in markers.failures(config):  # an earlier run's failures: these units run again
                 storage.delete(stale)
-        done = sum(is_done(c, u) for p, c in zip(active, configs) for u in p.units[index])
-        if done:
-            log(f"resuming: {done} of {len(units)} work units of pass {index + 1} already done")
+        todo = [u for p, c in zip(active, configs) for u in markers.not_done(c, p.units[index])]
+        if len(todo) < len(units):
+            log(f"resuming: {len(units) - len(todo)} of {len(units)} work units of pass {index + 1} already done")
         label = f"pass {index + 1}/{pass_count}: " + ", ".join(
             f"{p.layer.name} {','.join(mag_name(m) for m in p.passes[index].target_mags)}" for p in active
         )
-        with Progress(configs, len(units), label, report):
-            result = _run_pass(index, units, configs, runner, pipeline_options, record_failures)
-            result.wait_until_finish()
-        _collect_metrics(result, metrics)
-        failed = [(config.layer, path) for config in configs for path in failures(config)]
+        if todo:
+            with Progress(configs, len(units), label, report):
+                result = _run_pass(index, todo, configs, runner, pipeline_options, record_failures)
+                result.wait_until_finish()
+            _collect_metrics(result, metrics)
+        failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
         if failed:
             layer, path = failed[0]
             reason = (storage.read_text(path) or "").strip()
-            unit = os.path.basename(path)[: -len(".failed")]
+            unit = os.path.basename(path)[: -len(markers.FAILED)]
             raise UnitFailed(
                 f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
             )
-        missing = [u.key for p, c in zip(active, configs) for u in p.units[index] if not is_done(c, u)]
+        missing = [u.key for p, c in zip(active, configs) for u in markers.not_done(c, p.units[index])]
         if missing:
             raise RuntimeError(f"pass {index + 1} finished but {len(missing)} work units are not done, e.g. {missing[0]}")
         io.finish_mags([level.spec for config in configs for level in config.levels],

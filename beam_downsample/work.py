@@ -106,35 +106,6 @@ def replicate_edges(data: np.ndarray, box: Box, region: Box) -> None:
             data[tuple(index)] = data[tuple(source)]
 
 
-def marker_path(config: PassConfig, unit: WorkUnit) -> str:
-    """Named by the box only: the directory names the pass (mags, interpolation),
-    so a rerun that numbers its passes differently still finds its markers."""
-    box = "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop))
-    return storage.join_inside(config.marker_dir, f"{box}.done")
-
-
-def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
-    """One line saying why the unit failed, for the launcher to report."""
-    message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    path = marker_path(config, unit)[: -len(".done")] + ".failed"
-    storage.write_text(path, f"{type(error).__name__}: {message}\n")
-
-
-def failures(config: PassConfig) -> list[str]:
-    """Failure records of this pass's units, oldest run included."""
-    names = storage.list_names(config.marker_dir)
-    return sorted(storage.join_inside(config.marker_dir, n) for n in names if n.endswith(".failed"))
-
-
-def is_done(config: PassConfig, unit: WorkUnit) -> bool:
-    return storage.exists(marker_path(config, unit))
-
-
-def mark_done(config: PassConfig, unit: WorkUnit) -> None:
-    """Written only after every level of the unit is stored; creation is atomic."""
-    storage.write_text(marker_path(config, unit), "done\n")
-
-
 def level_boxes(config: PassConfig, box: Box) -> list[Box]:
     """`box` in each level's voxels, in the order the pass makes the levels."""
     boxes = []

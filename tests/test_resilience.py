@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from beam_downsample import demo, io, job, work
+from beam_downsample import demo, io, job, locks, markers, work
 from beam_downsample.mags import mag_name, parse_mag
 from beam_downsample.properties import load_dataset
 from beam_downsample.storage import TEMP_PREFIX
@@ -213,7 +213,7 @@ def expected_resume_lines(path, options=BIG_OPTIONS) -> list[str]:
     for index in range(max((len(p.passes) for p in plans), default=0)):
         active = [p for p in plans if index < len(p.passes)]
         total = sum(len(p.units[index]) for p in active)
-        done = sum(work.is_done(p.configs[index], u) for p in active for u in p.units[index])
+        done = sum(markers.is_done(p.configs[index], u) for p in active for u in p.units[index])
         if done:
             lines.append(f"resuming: {done} of {total} work units of pass {index + 1} already done")
     return lines
@@ -480,32 +480,32 @@ def test_unit_run_twice_concurrently_in_processes_writes_same_bytes(medium_base,
     assert diff_digests(data_digest(tmp_path / "ds"), single_run) == []
 
 
-def test_dofn_skips_a_unit_already_done(medium_base, single_run, tmp_path, monkeypatch):
+def test_dofn_redelivered_unit_writes_the_same_bytes(medium_base, single_run, tmp_path):
+    """A retried or duplicated bundle runs its unit again: same bytes, marker kept."""
     plans, items = prepare(medium_base, tmp_path / "ds")
     fn = DownsampleUnitFn([p.configs[0] for p in plans])
     fn.setup()
     config, unit = next((c, u) for c, u in items if u.layer == "segmentation")
-    assert not work.is_done(config, unit)
+    assert not markers.is_done(config, unit)
     assert list(fn.process(unit)) == [unit.key]
-    assert work.is_done(config, unit)
-    marker = work.marker_path(config, unit)
-    with open(marker, encoding="utf-8") as handle:
+    assert markers.is_done(config, unit)
+    with open(markers.marker_path(config, unit), encoding="utf-8") as handle:
         assert handle.read() == "done\n"
-    state = {k: os.stat(os.path.join(tmp_path / "ds", k)).st_mtime_ns
-             for k in tree_bytes(tmp_path / "ds")}
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("run_unit called for a unit whose done-marker exists")
-
-    monkeypatch.setattr(work, "run_unit", must_not_run)
-    assert list(fn.process(unit)) == [unit.key]  # second delivery: skipped, still yields the key
-    assert {k: os.stat(os.path.join(tmp_path / "ds", k)).st_mtime_ns
-            for k in tree_bytes(tmp_path / "ds")} == state
-    monkeypatch.undo()
+    first = data_digest(tmp_path / "ds")
+    assert list(fn.process(unit)) == [unit.key]  # second delivery
+    assert data_digest(tmp_path / "ds") == first
     for _, other in items:
         assert list(fn.process(other)) == [other.key]
-    assert all(work.is_done(c, u) for c, u in items)
+    assert all(markers.is_done(c, u) for c, u in items)
     assert diff_digests(data_digest(tmp_path / "ds"), single_run) == []
+
+
+def test_launcher_hands_a_pass_only_the_units_without_a_marker(medium_base, tmp_path):
+    plans, items = prepare(medium_base, tmp_path / "ds")
+    config, unit = items[0]
+    markers.mark_done(config, unit)
+    todo = markers.not_done(config, [u for c, u in items if c is config])
+    assert unit not in todo and len(todo) == sum(1 for c, _ in items if c is config) - 1
 
 
 # ---------------------------------------------------------------------------
@@ -574,7 +574,7 @@ def test_other_layer_run_leaves_this_runs_marker_dirs_alone(tiny_base, tiny_clea
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
     plans = job.plan_job(dataset, job.JobOptions(layer_name="segmentation", jobs=1))
-    with job.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
+    with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         job.create_targets(dataset, plans)
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
         assert other.returncode == 0, other.stderr  # another layer: allowed while segmentation is locked
@@ -591,7 +591,7 @@ def test_other_layer_run_and_this_run_both_keep_their_mags(tiny_base, tiny_clean
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
     plans = job.plan_job(dataset, job.JobOptions(layer_name="segmentation", jobs=1))
-    with job.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
+    with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
         assert other.returncode == 0, other.stderr
         assert lists_mag(target, "color", (4, 4, 2))

@@ -19,7 +19,7 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, reduce, storage
+from beam_downsample import job, locks, reduce, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import available_cores, limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
@@ -169,14 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"building the Dataflow job failed: {_root_cause(error)}")
         return 0
     try:
-        with job.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
+        with locks.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
             job.create_targets(dataset, plans)
             with engine.started() as (runner, pipeline_options), _ProgressBar() as bar:
                 metrics = job.run_job(
                     dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
                     record_failures=engine.record_failures,
                 )
-    except job.LockError as error:
+    except locks.LockError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
         print("beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)",

@@ -8,15 +8,16 @@ import apache_beam as beam
 import tensorstore as ts
 from apache_beam.metrics import Metrics
 
-from beam_downsample import io, work
+from beam_downsample import io, markers, work
 from beam_downsample.planning import WorkUnit
 
 
 class DownsampleUnitFn(beam.DoFn):
     """Runs `work.run_unit` for each unit; arrays are opened once per worker in setup().
 
-    Idempotent: a unit whose done-marker exists is skipped, and a retried or
-    duplicated unit writes the very same bytes before marking itself done.
+    Idempotent: a retried or duplicated unit writes the very same bytes
+    before marking itself done. The launcher hands a pass only the units
+    without a marker (one listing), so there is no per-unit check here.
 
     With `record_failures` (our local runners) a failing unit leaves a
     one-line failure record for the launcher instead of raising: Beam's
@@ -38,28 +39,23 @@ class DownsampleUnitFn(beam.DoFn):
             self._arrays[key] = (source, targets)
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
-        self._skipped = Metrics.counter("beam_downsample", "work_units_already_done")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
         self._written = Metrics.counter("beam_downsample", "voxels_written")
         self._failed = Metrics.counter("beam_downsample", "work_units_failed")
 
     def process(self, unit: WorkUnit) -> Iterable[str]:
         config = self._configs[(unit.layer, unit.pass_index)]
-        if work.is_done(config, unit):
-            self._skipped.inc()
-            yield unit.key
-            return
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
         try:
             stats = work.run_unit(config, unit, source, targets, self._scratch)
         except Exception as error:  # pylint: disable=broad-except
             if not self._record_failures:
                 raise
-            work.record_failure(config, unit, error)
+            markers.record_failure(config, unit, error)
             self._failed.inc()
             yield unit.key
             return
-        work.mark_done(config, unit)
+        markers.mark_done(config, unit)
         self._units.inc()
         self._read.inc(stats.voxels_read)
         self._written.inc(stats.voxels_written)
