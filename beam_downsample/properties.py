@@ -190,10 +190,11 @@ def _parse_mags(raw: Any, name: str, where: str) -> dict[Mag, str]:
         try:
             mag = parse_mag(entry["mag"])
         except (KeyError, TypeError, IndexError, MagError) as error:
-            raise _error(where, f"lists a malformed mag: {_short(entry) if not isinstance(error, MagError) else error}") from None
+            why = error if isinstance(error, MagError) else _short(entry)
+            raise _error(where, f"lists a malformed mag: {why}") from None
         path = entry.get("path")
         if path is not None and (not isinstance(path, str) or "\0" in path):
-            raise _error(f"{where} mag {mag_name(mag)} path", f"must be a string, got {_short(path)}")
+            raise _error(f"{where} mag {mag_name(mag)} path", f"must be a string without NUL, got {_short(path)}")
         mags[mag] = path or f"./{name}/{mag_name(mag)}"
     if not mags:
         raise _error(where, "has no mags to downsample from")
