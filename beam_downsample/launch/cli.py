@@ -19,7 +19,7 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, locks, reduce
+from beam_downsample import job, locks, reduce, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import available_cores, limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         dataset = load_dataset(target)
         plans = job.plan_job(dataset, options)
-    except (runners.UsageError, DatasetError, PlanningError) as error:
+    except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError) as error:
         return _fail(str(error))
     print(job.describe(plans))
     if _flag_value("dry-run"):
