@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, markers, planning, reduce, storage, wkw_io
+from beam_downsample import io, markers, planning, reduce, storage, supervise, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -243,8 +243,12 @@ def run_job(
         )
         if todo:
             with Progress(configs, len(units), label, report):
-                result = _run_pass(index, todo, configs, runner, pipeline_options, record_failures)
-                result.wait_until_finish()
+                result = supervise.run_pass(
+                    index, todo, configs,
+                    lambda some, i=index, c=configs: _run_pass(i, some, c, runner, pipeline_options, record_failures),
+                    lambda a=active, c=configs, i=index: [u for p, cf in zip(a, c) for u in markers.not_done(cf, p.units[i])],
+                    runner, pipeline_options, log=log,
+                )
             _collect_metrics(result, metrics)
         failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
         if failed:
