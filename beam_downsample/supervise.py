@@ -150,8 +150,9 @@ def _attribute(new, watcher, state_dirs, kills, label, log) -> None:
             kills[(state.layer, state.unit)] += 1
             running.append(state)
     for index, death in enumerate(new):
-        state = next((s for s in running if s.pid == death.pid), running[index] if index < len(running) else None)
-        where = f" while running unit {state.unit} of layer {state.layer}" if state else ""
+        state = next((s for s in running if death.address and s.address == death.address),
+                     running[index] if index < len(running) else None)
+        where = f" while running unit {state.unit} of layer {state.layer} (pid {state.pid})" if state else ""
         log(f"beam-downsample: {death.what}{where} during {label}")
     for (layer, unit), count in kills.items():
         if count >= KILLS_PER_UNIT:

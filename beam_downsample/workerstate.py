@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import time
 from typing import Iterable, Optional
 
@@ -32,6 +33,7 @@ class WorkerState:
     unit: str  # the unit's box name, as in its done-marker
     marker_dir: str
     since: float
+    address: Optional[str] = None  # the dask worker's address, when the unit runs on dask
 
 
 def state_dir(config: PassConfig) -> str:
@@ -47,9 +49,19 @@ def starting(config: PassConfig, unit: WorkUnit) -> None:
     """Called by the worker before it runs `unit`: one small write, overwritten by its next unit."""
     host, pid = socket.gethostname(), os.getpid()
     record = {"host": host, "pid": pid, "layer": config.layer, "unit": unit_name(unit),
-              "marker_dir": config.marker_dir, "since": time.time()}
+              "marker_dir": config.marker_dir, "since": time.time(), "address": _dask_address()}
     storage.makedirs(state_dir(config))
     storage.write_text(os.path.join(state_dir(config), f"{host}-{pid}.json"), json.dumps(record))
+
+
+def _dask_address() -> Optional[str]:
+    """The address of the dask worker running us (how the scheduler knows it), else None."""
+    if "distributed" not in sys.modules:  # not on dask: do not import it
+        return None
+    try:
+        return sys.modules["distributed"].get_worker().address
+    except (ValueError, AttributeError):
+        return None
 
 
 def read_all(directories: Iterable[str]) -> list[WorkerState]:
@@ -69,7 +81,7 @@ def _parse(path: str, text: Optional[str]) -> Optional[WorkerState]:
     try:
         raw = json.loads(text or "")
         return WorkerState(path, str(raw["host"]), int(raw["pid"]), str(raw["layer"]), str(raw["unit"]),
-                           str(raw["marker_dir"]), float(raw["since"]))
+                           str(raw["marker_dir"]), float(raw["since"]), raw.get("address"))
     except (ValueError, KeyError, TypeError):
         return None  # being written or foreign: not ours to judge
 

@@ -28,7 +28,7 @@ NO_WORKER_GRACE_SECONDS = 10.0  # a SLURM job may be requeued or a nanny restart
 @dataclasses.dataclass(frozen=True)
 class Death:
     what: str  # e.g. "worker process killed by signal 9 (out of memory?)"
-    pid: Optional[int] = None
+    address: Optional[str] = None  # a dask worker's
 
 
 def describe_status(code: Optional[int]) -> str:
@@ -199,8 +199,8 @@ class DaskWorkers(Watcher):
 
     def poll(self) -> list[Death]:
         workers = self._workers()
-        deaths = [Death(f"{self._what} {info.get('host', '')} pid {info.get('pid')} died", info.get("pid"))
-                  for address, info in self._known.items() if address not in workers]
+        deaths = [Death(f"{self._what} {address} died", address=address)
+                  for address in self._known if address not in workers]
         self._known = workers
         if workers:
             self._ever, self._empty_since = True, None
@@ -214,8 +214,8 @@ class DaskWorkers(Watcher):
         return None
 
     def alive(self, state: workerstate.WorkerState) -> bool:
-        if any(info.get("pid") == state.pid for info in self._known.values()):
-            return True
+        if state.address:
+            return state.address in self._known
         return state.host != socket.gethostname() or workerstate.pid_alive(state.pid)
 
     def close(self) -> None:
