@@ -113,8 +113,26 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         for index, a_pass in enumerate(passes):
             units.append(tuple(planning.plan_units(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)))
             configs.append(_pass_config(dataset, layer, index, a_pass, interpolation, budget))
-        plans.append(LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs)))
+        plan = LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs))
+        _check_worker_memory(plan, options)
+        plans.append(plan)
     return plans
+
+
+def _check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
+    """A cluster worker whose memory cannot hold even the smallest unit would be killed
+    again and again (SLURM's --mem, the dask nanny): refuse before submitting anything."""
+    if options.worker_memory is None:
+        return
+    for index in range(len(plan.passes)):
+        need = WORKER_OVERHEAD_BYTES + _unit_memory(plan, index)
+        if need > options.worker_memory:
+            raise planning.PlanningError(
+                f"layer {plan.layer.name!r} pass {index + 1}: a worker needs about {need / (1 << 20):.0f} MiB "
+                f"(~{WORKER_OVERHEAD_BYTES >> 20} MiB for itself plus its work unit), more than the "
+                f"{options.worker_memory / (1 << 20):.0f} MiB of one worker; raise mem in --job-resources "
+                "(or --memory-budget where there is no mem)"
+            )
 
 
 def _pass_config(

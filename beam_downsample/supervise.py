@@ -125,7 +125,7 @@ def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log, interrupte
                 return deaths
         reason = watcher.fatal()
         if reason:
-            raise WorkerDied(f"{reason} during {label}: the pass cannot finish (only complete mags are listed)")
+            raise WorkerDied(f"{reason} during {label}: the pass cannot finish")
     if attempt.error is not None and _lost_worker_error(attempt.error):
         # dask gave up on a task whose workers died (KilledWorker): name the unit if we know it
         deaths += len(watcher.poll()) or 1

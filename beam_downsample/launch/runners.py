@@ -142,7 +142,9 @@ class Engine:
         with deferred_interrupts() as interrupted, self.cluster.started() as address:
             if interrupted.is_set():  # Ctrl-C while the cluster started
                 raise KeyboardInterrupt
-            yield ClosingDaskRunner(interrupted), PipelineOptions(self.flags, address=address, **self.overrides)
+            runner = ClosingDaskRunner(interrupted)
+            runner.strategy = self.strategy  # how a lost worker is described (launch.watch)
+            yield runner, PipelineOptions(self.flags, address=address, **self.overrides)
 
 
 def plan_engine(

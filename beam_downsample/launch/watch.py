@@ -182,11 +182,17 @@ class DaskWorkers(Watcher):
     `distributed.scheduler.allowed-failures` deaths: KilledWorker). We report each lost
     worker in one line and give up when no worker is left."""
 
-    def __init__(self, address: str, what: str = "dask worker"):
+    KINDS = {  # strategy: (what a worker is, what happened to it)
+        "dask": ("dask worker", "died"),
+        "slurm": ("SLURM worker job", "ended (scancel, time limit, preemption or out of memory?)"),
+        "kubernetes": ("worker pod", "ended (evicted, preempted or out of memory?)"),
+    }
+
+    def __init__(self, address: str, strategy: str = "dask"):
         from distributed import Client  # pylint: disable=import-outside-toplevel
 
         self._client = Client(address, timeout=30, set_as_default=False)
-        self._what = what
+        self._what, self._verb = self.KINDS.get(strategy, self.KINDS["dask"])
         self._known: dict[str, dict] = {}
         self._empty_since: Optional[float] = None
         self._ever = False
@@ -199,7 +205,7 @@ class DaskWorkers(Watcher):
 
     def poll(self) -> list[Death]:
         workers = self._workers()
-        deaths = [Death(f"{self._what} {address} died", address=address)
+        deaths = [Death(f"{self._what} {address} {self._verb}", address=address)
                   for address in self._known if address not in workers]
         self._known = workers
         if workers:
@@ -238,5 +244,5 @@ def for_runner(runner, options) -> Watcher:
     if type(runner).__name__.endswith("DaskRunner"):
         address = options.get_all_options().get("address") if options is not None else None
         if address:
-            return DaskWorkers(address, what=getattr(runner, "worker_kind", "dask worker"))
+            return DaskWorkers(address, getattr(runner, "strategy", "dask"))
     return Watcher()
