@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import time
 import types
@@ -108,6 +109,8 @@ def test_multiprocessing_worker_killed_mid_pass_run_finishes_identical(base, cle
     assert result.returncode == 0, result.stderr
     assert f"while running unit {state['unit']} of layer {state['layer']} (pid {state['pid']}) during pass 1" in result.stderr
     assert "again (run 2 of at most 4)" in result.stderr
+    # stderr is a file, not a terminal: each pass ends with a progress line (tests/test_progress_log.py)
+    assert re.search(r"^pass 1/\d: .*: (\d+)/\1 work units \(100%\), [\d.]+ Mvoxel/s", result.stderr, re.M)
     assert_no_traceback(result.stderr)
     assert tree_digest(dataset) == clean
 
