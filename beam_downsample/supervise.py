@@ -35,11 +35,17 @@ class WorkerDied(RuntimeError):
 
 
 class _Attempt:
-    """One pipeline run in a daemon thread: its result, or the exception it raised."""
+    """One pipeline run in a daemon thread: its result, or the exception it raised.
+
+    The end is an Event, not Thread.is_alive(): a join interrupted by Ctrl-C marks a
+    running thread as stopped (CPython's bpo-45274 handling), and then its workers
+    would not be stopped.
+    """
 
     def __init__(self, start: Callable[[Sequence[WorkUnit]], object], units: Sequence[WorkUnit]):
         self.result = None
         self.error: Optional[BaseException] = None
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start, units), daemon=True,
                                         name="beam-downsample-pass")
         self._thread.start()
@@ -51,11 +57,12 @@ class _Attempt:
             self.result = result
         except BaseException as error:  # pylint: disable=broad-except
             self.error = error
+        finally:
+            self._ended.set()
 
     def join(self, timeout: float) -> bool:
         """True when the pipeline has ended."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._ended.wait(timeout)
 
 
 def run_pass(

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import tree_digest
-from resilience_helpers import outputs, run_cli_pinned, start_cli, wait_until
+from resilience_helpers import live_group_members, outputs, run_cli_pinned, start_cli, wait_until
 from test_resilience import copy_dataset, write_real_dataset
 
 STATE_DIR = ".beam-downsample"
@@ -155,3 +155,20 @@ def test_dask_worker_killed_mid_pass_run_finishes_identical(base, clean, tmp_pat
     assert f"while running unit {state['unit']} of layer {state['layer']} (pid {state['pid']}) during pass 1" in result.stderr
     assert_no_traceback(result.stderr)
     assert tree_digest(dataset) == clean
+
+
+def test_ctrl_c_of_the_launcher_mid_pass_stops_its_workers_quietly(base, tmp_path):
+    """The pass runs in a thread: Ctrl-C still ends the run at once, stops the workers
+    (no worker outlives the launcher to print gRPC errors) and keeps the markers."""
+    dataset = copy_dataset(base, tmp_path / "ds")
+    proc = start_cli(tmp_path / "logs", "mp", dataset, *ARGS, "--distribution-strategy", "multiprocessing")
+    assert wait_until(lambda: worker_states(dataset), proc, timeout=120)
+    os.kill(proc.pid, signal.SIGINT)
+    interrupted_at = time.monotonic()
+    result = finish(proc, timeout=60)
+    print(f"\nCtrl-C: launcher ended {time.monotonic() - interrupted_at:.2f} s later")
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("beam-downsample: interrupted"), result.stderr
+    assert_no_traceback(result.stderr)
+    assert not live_group_members(proc.pid)
+    assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*.lock"))
