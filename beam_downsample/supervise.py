@@ -133,15 +133,24 @@ def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log, interrupte
         reason = watcher.fatal()
         if reason:
             raise WorkerDied(f"{reason} during {label}: the pass cannot finish")
-    if attempt.error is not None and _lost_worker_error(attempt.error):
-        # dask gave up on a task whose workers died (KilledWorker): name the unit if we know it
-        deaths += len(watcher.poll()) or 1
-        worst = kills.most_common(1)
-        if worst:
-            (layer, unit), count = worst[0]
-            raise WorkerDied(f"unit {unit} of layer {layer} killed its worker {count} times; {MEMORY_HINT}")
-        raise WorkerDied(f"dask gave up on a work unit of {label} after its workers died "
-                         f"(distributed.scheduler.allowed-failures); {MEMORY_HINT}")
+    if attempt.error is not None:  # failed: because workers died (maybe before we polled)?
+        new = watcher.poll()
+        if new:
+            deaths += len(new)
+            _attribute(new, watcher, state_dirs, kills, label, log)
+        if _lost_worker_error(attempt.error):
+            deaths = max(deaths, 1)
+        reason = watcher.fatal(now=True) if deaths else None
+        if reason:
+            raise WorkerDied(f"{reason} during {label}: the pass cannot finish")
+        if "KilledWorker" in f"{type(attempt.error).__name__} {attempt.error}":
+            # dask gave up on a task whose workers died: name the unit if we know it
+            worst = kills.most_common(1)
+            if worst:
+                (layer, unit), count = worst[0]
+                raise WorkerDied(f"unit {unit} of layer {layer} killed its worker {count} times; {MEMORY_HINT}")
+            raise WorkerDied(f"dask gave up on a work unit of {label} after its workers died "
+                             f"(distributed.scheduler.allowed-failures); {MEMORY_HINT}")
     return deaths
 
 
@@ -170,4 +179,4 @@ def _lost_worker_error(error: BaseException) -> bool:
     """Errors that mean a worker died, not that a unit failed: dask's KilledWorker,
     Beam's 'Worker subprocess exited'."""
     text = f"{type(error).__name__}: {error}"
-    return "KilledWorker" in text or "Worker subprocess exited" in text
+    return any(sign in text for sign in ("KilledWorker", "Worker subprocess exited", "CancelledError"))

@@ -22,7 +22,8 @@ from typing import Optional
 from beam_downsample import workerstate
 
 WORKER_MODULE = "beam_downsample.launch.worker"
-NO_WORKER_GRACE_SECONDS = 10.0  # a SLURM job may be requeued or a nanny restart its worker meanwhile
+NO_WORKER_GRACE_SECONDS = 10.0
+STATUS_WAIT_SECONDS = 3.0  # after the gRPC threads noticed a death, for Beam to report the exit status  # a SLURM job may be requeued or a nanny restart its worker meanwhile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,8 @@ class Watcher:
     def poll(self) -> list[Death]:
         return []
 
-    def fatal(self) -> Optional[str]:
-        """A reason to give up the pass now (no worker left), else None."""
+    def fatal(self, now: bool = False) -> Optional[str]:
+        """A reason to give up the pass (no worker left: for a while, or `now`), else None."""
         return None
 
     def alive(self, state: workerstate.WorkerState) -> bool:
@@ -124,9 +125,21 @@ class LocalProcesses(Watcher):
             if thread.name.startswith("run_worker"):
                 code = int(match.group(1)) if match else None
                 deaths.append(Death(f"worker process {describe_status(code)}"))
-        if not deaths and errors:  # the gRPC threads noticed first; the exit status follows
-            deaths.append(Death("worker process lost its connection (it died)"))
+        if not deaths and errors:  # the gRPC threads noticed first: the exit status follows at once
+            code = self._exit_status_soon(STATUS_WAIT_SECONDS)
+            deaths.append(Death(f"worker process {describe_status(code)}"))
         return deaths
+
+    def _exit_status_soon(self, seconds: float) -> Optional[int]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for thread, error in _THREAD_ERRORS[self._seen:]:
+                match = re.search(r"exited with return code (-?\d+)", str(error))
+                if thread.name.startswith("run_worker") and thread not in self._old and match:
+                    self._seen = len(_THREAD_ERRORS)
+                    return int(match.group(1))
+            time.sleep(0.05)
+        return None
 
     def stop_workers(self) -> None:
         """SIGKILL every remaining worker of this process, so that the abandoned pipeline's
@@ -214,7 +227,9 @@ class DaskWorkers(Watcher):
             self._empty_since = time.monotonic()
         return deaths
 
-    def fatal(self) -> Optional[str]:
+    def fatal(self, now: bool = False) -> Optional[str]:
+        if now and self._ever and not self._workers():
+            return f"no {self._what} is left"
         if self._empty_since is not None and time.monotonic() - self._empty_since > NO_WORKER_GRACE_SECONDS:
             return f"no {self._what} is left"
         return None
