@@ -74,7 +74,6 @@ def run_pass(
     runner,
     options,
     log: Callable[[str], None] = print,
-    interrupted: Optional[threading.Event] = None,
 ):
     """Runs `start(units)` (a Beam pipeline of the pass), rerunning `missing()` after deaths.
 
@@ -93,7 +92,7 @@ def run_pass(
             workerstate.clear(state_dirs)
             watcher.begin()
             attempt = _Attempt(start, units)
-            deaths = _watch(attempt, watcher, state_dirs, kills, label, log, interrupted)
+            deaths = _watch(attempt, watcher, state_dirs, kills, label, log)
             if not deaths:
                 if attempt.error is not None:
                     raise attempt.error
@@ -116,12 +115,10 @@ def run_pass(
         workerstate.clear(state_dirs)
 
 
-def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log, interrupted) -> int:
+def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log) -> int:
     """Waits for the attempt; returns the number of worker deaths seen (0: it ran undisturbed)."""
     deaths = 0
     while not attempt.join(POLL_SECONDS):
-        if interrupted is not None and interrupted.is_set():
-            raise KeyboardInterrupt
         new = watcher.poll()
         if new:
             deaths += len(new)

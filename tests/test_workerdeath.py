@@ -172,3 +172,16 @@ def test_ctrl_c_of_the_launcher_mid_pass_stops_its_workers_quietly(base, tmp_pat
     assert_no_traceback(result.stderr)
     assert not live_group_members(proc.pid)
     assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*.lock"))
+
+
+@pytest.mark.parametrize("code, text", [
+    (-9, "killed by signal 9 (out of memory?)"),  # Popen's view
+    (137, "killed by signal 9 (out of memory?)"),  # a shell's 128 + 9
+    (-15, "killed by signal 15 (terminated)"),
+    (-11, "killed by signal 11 (SIGSEGV)"),
+    (1, "exited with status 1"),
+])
+def test_exit_status_in_words(code, text):
+    from beam_downsample.launch.watch import describe_status
+
+    assert describe_status(code) == text
