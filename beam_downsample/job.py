@@ -264,7 +264,7 @@ def run_job(
                 result = supervise.run_pass(
                     index, todo, configs,
                     lambda some, i=index, c=configs: _run_pass(i, some, c, runner, pipeline_options, record_failures),
-                    lambda a=active, c=configs, i=index: [u for p, cf in zip(a, c) for u in markers.not_done(cf, p.units[i])],
+                    functools.partial(_not_done, active, configs, index),
                     runner, pipeline_options, log=log,
                 )
             _collect_metrics(result, metrics)
@@ -293,6 +293,11 @@ def run_job(
         storage.remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
         storage.delete_tree(os.path.join(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
+
+
+def _not_done(plans: Sequence[LayerPlan], configs: Sequence[PassConfig], index: int) -> list[WorkUnit]:
+    """The pass's units without a done-marker: one listing per layer."""
+    return [u for p, c in zip(plans, configs) for u in markers.not_done(c, p.units[index])]
 
 
 def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:
