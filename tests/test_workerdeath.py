@@ -63,6 +63,8 @@ def kill_a_running_worker(dataset, proc, unit=None) -> tuple[dict, float]:
 
     def running():
         for state in worker_states(dataset):
+            if os.path.exists(os.path.join(state["marker_dir"], state["unit"] + ".done")):
+                continue  # that worker is past its unit: killing it would lose nothing
             if unit is None or state["unit"] == unit:
                 found["state"] = state
                 return True
@@ -118,6 +120,8 @@ def test_multiprocessing_worker_killed_mid_pass_run_finishes_identical(base, cle
 def test_unit_that_keeps_killing_its_worker_is_named_and_rerun_resumes(base, clean, tmp_path):
     dataset = copy_dataset(base, tmp_path / "ds")
     proc = start_cli(tmp_path / "logs", "mp", dataset, *ARGS, "--distribution-strategy", "multiprocessing")
+    # Some unit is done first, so that the markers a failed run must keep exist whatever the timing.
+    assert wait_until(lambda: glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "*.done")), proc, timeout=120)
     state, killed_at = kill_a_running_worker(dataset, proc)
     times = [seconds_until_noticed(proc, killed_at, "killed by signal 9")]
     for kill in (2, 3):
