@@ -529,3 +529,10 @@ def test_numpy_kernels_on_request():
     env = dict(os.environ, BEAM_DOWNSAMPLE_KERNELS="numpy")
     out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True).stdout
     assert out.split() == ["True", "False", "8"]
+
+
+def test_launcher_does_not_import_numba():
+    """numba costs ~0.25 CPU-s to import: only processes that reduce a tile pay it."""
+    probe = "import sys, beam_downsample.launch.cli, beam_downsample.work; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["False"]
