@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, locks, markers, planning, reduce, storage, wkw_io
+from beam_downsample import io, locks, markers, planning, reduce, storage, supervise, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -114,9 +114,27 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         for index, a_pass in enumerate(passes):
             units.append(tuple(planning.plan_units(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)))
             configs.append(_pass_config(dataset, layer, index, a_pass, interpolation, budget))
-        plans.append(LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs)))
+        plan = LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs))
+        _check_worker_memory(plan, options)
+        plans.append(plan)
     check_write_paths(dataset, plans)
     return plans
+
+
+def _check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
+    """A cluster worker whose memory cannot hold even the smallest unit would be killed
+    again and again (SLURM's --mem, the dask nanny): refuse before submitting anything."""
+    if options.worker_memory is None:
+        return
+    for index in range(len(plan.passes)):
+        need = WORKER_OVERHEAD_BYTES + _unit_memory(plan, index)
+        if need > options.worker_memory:
+            raise planning.PlanningError(
+                f"layer {plan.layer.name!r} pass {index + 1}: a worker needs about {need / (1 << 20):.0f} MiB "
+                f"(~{WORKER_OVERHEAD_BYTES >> 20} MiB for itself plus its work unit), more than the "
+                f"{options.worker_memory / (1 << 20):.0f} MiB of one worker; raise mem in --job-resources "
+                "(or --memory-budget where there is no mem)"
+            )
 
 
 def _pass_config(
@@ -257,8 +275,12 @@ def run_job(
         )
         if todo:
             with Progress(configs, len(units), label, report):
-                result = _run_pass(index, todo, configs, runner, pipeline_options, record_failures)
-                result.wait_until_finish()
+                result = supervise.run_pass(
+                    index, todo, configs,
+                    lambda some, i=index, c=configs: _run_pass(i, some, c, runner, pipeline_options, record_failures),
+                    functools.partial(_not_done, active, configs, index),
+                    runner, pipeline_options, log=log,
+                )
             _collect_metrics(result, metrics)
         failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
         if failed:
@@ -286,6 +308,11 @@ def run_job(
         storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
         storage.delete_tree(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
+
+
+def _not_done(plans: Sequence[LayerPlan], configs: Sequence[PassConfig], index: int) -> list[WorkUnit]:
+    """The pass's units without a done-marker: one listing per layer."""
+    return [u for p, c in zip(plans, configs) for u in markers.not_done(c, p.units[index])]
 
 
 def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:

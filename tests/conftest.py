@@ -113,3 +113,32 @@ def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=timeout,
     )
+
+
+# ---------------------------------------------------------------------------
+# a real one-node SLURM cluster (tests/slurm_cluster.py)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """SLURM_CONF of a running one-node cluster, set in os.environ for the CLIs the tests start.
+
+    Skipped with the reason where the packages are missing, but under CI (CI set) that fails:
+    CI installs them (.ci/run)."""
+    import slurm_cluster as cluster  # pylint: disable=import-outside-toplevel
+
+    reason = cluster.missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: these tests must run)")
+        pytest.skip(reason)
+    with cluster.one_node_cluster() as env:
+        previous = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+        try:
+            yield env
+        finally:
+            if previous is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = previous

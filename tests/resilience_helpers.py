@@ -68,13 +68,14 @@ def run_cli_pinned(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(_pinned(cli_command(*args)), capture_output=True, text=True, timeout=timeout)
 
 
-def start_cli(log_dir, name: str, *args) -> subprocess.Popen:
+def start_cli(log_dir, name: str, *args, cwd=None) -> subprocess.Popen:
     """The CLI in its own session (so its Beam workers share its process group), on at most
     PINNED_CORES cores; output to files."""
     os.makedirs(log_dir, exist_ok=True)
     out = open(os.path.join(log_dir, f"{name}.out"), "w", encoding="utf-8")  # pylint: disable=consider-using-with
     err = open(os.path.join(log_dir, f"{name}.err"), "w", encoding="utf-8")  # pylint: disable=consider-using-with
-    proc = subprocess.Popen(_pinned(cli_command(*args)), stdout=out, stderr=err, text=True, start_new_session=True)
+    proc = subprocess.Popen(_pinned(cli_command(*args)), stdout=out, stderr=err, text=True, start_new_session=True,
+                            cwd=cwd)
     proc.log_files = (out, err)  # type: ignore[attr-defined]
     proc.log_paths = (out.name, err.name)  # type: ignore[attr-defined]
     return proc

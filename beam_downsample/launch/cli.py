@@ -8,9 +8,11 @@ errors print one line and exit with status 2 before anything is written.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
-from typing import Sequence
+import time
+from typing import Optional, Sequence
 
 from absl import flags
 
@@ -23,7 +25,7 @@ from beam_downsample import job, locks, reduce, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import available_cores, limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
-from beam_downsample.planning import SAMPLING_MODES, PlanningError
+from beam_downsample.planning import SAMPLING_MODES, PlanningError, region_in_mag
 from beam_downsample.properties import DatasetError, load_dataset
 
 FLAGS = flags.FlagValues()
@@ -171,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with locks.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
             job.create_targets(dataset, plans)
-            with engine.started() as (runner, pipeline_options), _ProgressBar() as bar:
+            with engine.started() as (runner, pipeline_options), _ProgressBar(_pass_voxels(plans)) as bar:
                 metrics = job.run_job(
                     dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
                     record_failures=engine.record_failures,
@@ -208,30 +210,78 @@ def _root_cause(error: BaseException) -> str:
 
 
 class _ProgressBar:
-    """A tqdm bar on a terminal, silent otherwise."""
+    """A tqdm bar on a terminal; in a log (not a terminal: a cluster job, a CI run) a line
+    every LOG_SECONDS and when a pass completes, so that a long run is never silent until `done`.
+
+    `pass_voxels[i]` is the source voxels of pass i+1 (all layers): the rate is the voxels
+    of the units done in this run, per second.
+    """
+
+    LOG_SECONDS = 30.0
+
+    def __init__(self, pass_voxels: Sequence[int] = (), stream=None, interval: Optional[float] = None,
+                 clock=time.monotonic):
+        self._pass_voxels = list(pass_voxels)
+        self._stream = stream
+        self._interval = self.LOG_SECONDS if interval is None else interval
+        self._clock = clock
 
     def __enter__(self):
         self._bar = None
         self._label = None
+        stream = self._stream or sys.stderr
+        self._log = not (hasattr(stream, "isatty") and stream.isatty())
         return self
 
     def update(self, done: int, total: int, label: str) -> None:
+        if self._log:
+            self._log_line(done, total, label)
+            return
         from tqdm import tqdm
 
         if label != self._label:
             if self._bar is not None:
                 self._bar.close()
-            self._bar = tqdm(total=total, desc=label, unit="unit", disable=None, file=sys.stderr)
+            self._bar = tqdm(total=total, desc=label, unit="unit", disable=None, file=self._stream or sys.stderr)
             self._label = label
         self._bar.n = done
         self._bar.refresh()
 
+    def _log_line(self, done: int, total: int, label: str) -> None:
+        now = self._clock()
+        if label != self._label:  # a new pass: units done before (a resumed run) do not count for the rate
+            self._label, self._start, self._first, self._last, self._ended = label, now, done, now, False
+        if self._ended:
+            return
+        complete = done >= total
+        if not complete and now - self._last < self._interval:
+            return
+        self._last, self._ended = now, complete
+        match = re.match(r"pass (\d+)/", label)
+        index = int(match.group(1)) - 1 if match else -1
+        rate = ""
+        if 0 <= index < len(self._pass_voxels) and total and now > self._start:
+            voxels = (done - self._first) / total * self._pass_voxels[index]
+            rate = f", {voxels / (now - self._start) / 1e6:.1f} Mvoxel/s"
+        percent = 100 * done // total if total else 100
+        self.write(f"{label}: {done}/{total} work units ({percent}%){rate}, {now - self._start:.0f} s")
+
     def write(self, message: str) -> None:
-        print(message, file=sys.stderr)
+        print(message, file=self._stream or sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self._bar is not None:
             self._bar.close()
+
+
+def _pass_voxels(plans) -> list[int]:
+    """Source voxels of each pass, all layers together (what the progress rate counts)."""
+    voxels: list[int] = []
+    for plan in plans:
+        for index, a_pass in enumerate(plan.passes):
+            voxels.extend([0] * (index + 1 - len(voxels)))
+            voxels[index] += math.prod(region_in_mag(plan.layer.bbox, a_pass.source_mag).shape)
+    return voxels
 
 
 def run() -> None:

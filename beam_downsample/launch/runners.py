@@ -97,7 +97,7 @@ def _local_runner(strategy: str, jobs: int, beam_flags: Sequence[str]) -> tuple[
 
     logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
     worker = environments.SubprocessSDKEnvironment.from_command_string(
-        f"{sys.executable} -m beam_downsample.launch.worker"
+        f"exec {sys.executable} -m beam_downsample.launch.worker"  # exec: no shell between us and the worker
     )
     return FnApiRunner(default_environment=worker), {"direct_num_workers": jobs}
 
@@ -142,7 +142,9 @@ class Engine:
         with deferred_interrupts() as interrupted, self.cluster.started() as address:
             if interrupted.is_set():  # Ctrl-C while the cluster started
                 raise KeyboardInterrupt
-            yield ClosingDaskRunner(interrupted), PipelineOptions(self.flags, address=address, **self.overrides)
+            runner = ClosingDaskRunner(interrupted)
+            runner.strategy = self.strategy  # how a lost worker is described (launch.watch)
+            yield runner, PipelineOptions(self.flags, address=address, **self.overrides)
 
 
 def plan_engine(

@@ -24,6 +24,8 @@ class _DropHarmless(logging.Filter):
             return True
         if record.name.startswith("apache_beam") and record.levelno >= logging.ERROR:
             return False
+        if record.name.startswith("distributed.nanny") and "Restarting worker" in record.getMessage():
+            return False  # a lost worker: the launcher says so in one line
         return not any(text in record.getMessage() for text in _HARMLESS)
 
 

@@ -8,7 +8,7 @@ import apache_beam as beam
 import tensorstore as ts
 from apache_beam.metrics import Metrics
 
-from beam_downsample import io, markers, work
+from beam_downsample import io, markers, work, workerstate
 from beam_downsample.planning import WorkUnit
 
 
@@ -46,6 +46,7 @@ class DownsampleUnitFn(beam.DoFn):
     def process(self, unit: WorkUnit) -> Iterable[str]:
         config = self._configs[(unit.layer, unit.pass_index)]
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
+        workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
         try:
             stats = work.run_unit(config, unit, source, targets, self._scratch)
         except Exception as error:  # pylint: disable=broad-except
