@@ -9,6 +9,7 @@ import time
 from typing import Callable, Sequence
 
 from beam_downsample import storage
+from beam_downsample.machine import pid_alive
 from beam_downsample.io import STATE_DIR
 from beam_downsample.properties import Dataset
 
@@ -50,7 +51,7 @@ class LayerLocks:
                 if holder == json.loads(content):  # ours: a retried GCS create whose first try got through
                     self._held.append(path)
                     return
-                if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+                if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
                     self._log(f"removing stale lock {path} (pid {holder.get('pid')} is gone)")
                     storage.delete(path)
                     continue
@@ -74,15 +75,3 @@ def _read_lock(path: str) -> dict:
         return json.loads(storage.read_text(path) or "{}")
     except (OSError, ValueError):
         return {}
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

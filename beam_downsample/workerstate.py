@@ -91,19 +91,3 @@ def clear(directories: Iterable[str]) -> None:
         for name in storage.list_names(directory):
             storage.delete(os.path.join(directory, name))
         storage.remove_dir_if_empty(directory)
-
-
-def pid_alive(pid: int) -> bool:
-    """A process of this host exists and is not a zombie (a killed worker its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            stat = handle.read()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")

@@ -16,6 +16,7 @@ import time
 import tensorstore as ts
 
 from beam_downsample import io, work
+from beam_downsample.machine import live_processes
 
 
 def open_unit_arrays(config: work.PassConfig):
@@ -94,20 +95,7 @@ def outputs(proc: subprocess.Popen) -> tuple[str, str]:
 
 def live_group_members(pgid: int) -> list[int]:
     """Pids of processes in group `pgid` that are not zombies (zombies write nothing)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in ("Z", "X"):
-            members.append(int(entry))
-    return members
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def kill_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:

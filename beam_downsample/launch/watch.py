@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 from beam_downsample import workerstate
+from beam_downsample.machine import live_processes, pid_alive
 
 WORKER_MODULE = "beam_downsample.launch.worker"
 NO_WORKER_GRACE_SECONDS = 10.0
@@ -63,7 +64,7 @@ class Watcher:
         return None
 
     def alive(self, state: workerstate.WorkerState) -> bool:
-        return state.host != socket.gethostname() or workerstate.pid_alive(state.pid)
+        return state.host != socket.gethostname() or pid_alive(state.pid)
 
     def stop_workers(self) -> None:
         pass
@@ -156,17 +157,8 @@ class LocalProcesses(Watcher):
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] not in ("Z", "X"):
-            tree.setdefault(int(fields[1]), []).append(int(entry))
+    for pid, parent, _ in live_processes():
+        tree.setdefault(parent, []).append(pid)
     return tree
 
 
@@ -237,7 +229,7 @@ class DaskWorkers(Watcher):
     def alive(self, state: workerstate.WorkerState) -> bool:
         if state.address:
             return state.address in self._known
-        return state.host != socket.gethostname() or workerstate.pid_alive(state.pid)
+        return state.host != socket.gethostname() or pid_alive(state.pid)
 
     def close(self) -> None:
         try:
