@@ -29,6 +29,7 @@ GIB = 1 << 30
 PROCESS_BYTES = 300 * MIB  # interpreter, Beam, tensorstore and its pools (launcher and each worker)
 MIN_UNIT_BYTES = 32 * MIB  # the smallest unit budget we plan a process for
 USEFUL_UNIT_BYTES = 256 * MIB  # a unit of a few CPU-seconds: per-unit costs (open, write, marker) stay small
+PREFERRED_UNIT_BYTES = 1 * GIB  # what the default budget gives each worker where the memory allows: fewer units, passes
 FLOOR_BUDGET = 2 * GIB  # the default budget is at least this (if the machine has twice as much)
 MEMORY_SHARE = 0.5  # the default budget takes at most this share of the machine's memory
 WORKER_START_CPU_S = 2.0  # measured: one worker process starting and importing, 2-core machine
@@ -73,9 +74,9 @@ def processes_held(budget: int, unit_bytes: int = USEFUL_UNIT_BYTES) -> int:
 
 
 def default_budget(machine: Machine, processes: int) -> int:
-    """FLOOR_BUDGET, or what `processes` workers need at a useful unit size if more,
+    """FLOOR_BUDGET, or what `processes` workers need at PREFERRED_UNIT_BYTES each if more,
     but at most MEMORY_SHARE of the machine's memory (and at least 256 MiB)."""
-    wanted = max(FLOOR_BUDGET, budget_needed(processes))
+    wanted = max(FLOOR_BUDGET, budget_needed(processes, PREFERRED_UNIT_BYTES))
     return max(min(wanted, int(machine.memory * MEMORY_SHARE)), 256 * MIB)
 
 

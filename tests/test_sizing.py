@@ -106,15 +106,15 @@ def test_big_machines_get_workers_and_a_budget_that_holds_them():
     big = sizing.work_seconds([(4096 * 4096 * 2048, 4)])  # ~700 CPU-s
     sized = sizing.choose(sizing.Machine(16, 64 * GIB), "multiprocessing", None, None, big)
     assert sized.processes == 16 and sized.threads == 2
-    assert sized.budget == PROCESS * 17 + 256 * MIB * 16  # every worker at a useful 256 MiB unit
+    assert sized.budget == PROCESS * 17 + GIB * 16  # every worker a 1 GiB unit: the memory allows it
     sized = sizing.choose(sizing.Machine(64, 256 * GIB), "multiprocessing", None, None, big)
-    assert sized.processes == 64 and sized.budget == PROCESS * 65 + 256 * MIB * 64
+    assert sized.processes == 64 and sized.budget == PROCESS * 65 + GIB * 64 and sized.unit_bytes == GIB
     # Little memory: as many workers as half of it holds at 556 MiB each.
     sized = sizing.choose(sizing.Machine(64, 16 * GIB), "multiprocessing", None, None, big)
     assert sized.budget == 8 * GIB and sized.processes == (8 * GIB - PROCESS) // (PROCESS + 256 * MIB) == 14
     # Work for 3 processes only (10 CPU-s each).
     sized = sizing.choose(sizing.Machine(64, 256 * GIB), "multiprocessing", None, None, 35.0)
-    assert sized.processes == 3 and sized.budget == 2 * GIB
+    assert sized.processes == 3 and sized.budget == PROCESS * 4 + GIB * 3
 
 
 def test_a_given_budget_shrinks_the_default_workers():
@@ -125,8 +125,9 @@ def test_a_given_budget_shrinks_the_default_workers():
 
 def test_an_explicit_jobs_is_kept_and_the_default_budget_grows_for_it():
     sized = sizing.choose(sizing.Machine(2, 24 * GIB), "multiprocessing", 16, None, 1.0)
-    assert sized.processes == 16 and sized.budget == PROCESS * 17 + 256 * MIB * 16
-    assert sized.unit_bytes == 256 * MIB
+    # 16 workers at 1 GiB units would need 21 GiB: half the machine's memory is the limit.
+    assert sized.processes == 16 and sized.budget == 12 * GIB
+    assert sized.unit_bytes == (12 * GIB - PROCESS * 17) // 16
 
 
 @pytest.mark.parametrize("jobs, budget, memory, held", [(16, 2 * GIB, 24 * GIB, 5), (64, None, 8 * GIB, 11),
@@ -215,8 +216,8 @@ def test_dry_run_plans_for_another_machine(small, cores, memory, needles):
 def test_dry_run_with_jobs_shows_the_workers_per_pass(small):
     result = run_cli_env(small, "--dry-run", "--jobs", "16", BEAM_DOWNSAMPLE_MACHINE="cores=16,memory=64G")
     assert result.returncode == 0, result.stderr
-    assert "pass 1: 5 work units, 5 worker processes x 4 tile threads" in result.stdout, result.stdout
-    assert "memory budget 8.98 GiB (default)" in result.stdout
+    assert "pass 1: 2 work units, 2 worker processes x 9 tile threads" in result.stdout, result.stdout
+    assert "memory budget 20.98 GiB (default)" in result.stdout
 
 
 @pytest.mark.parametrize("args, env, needle", [

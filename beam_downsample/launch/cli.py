@@ -67,7 +67,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
-    "By default 2G, or what the worker processes need at 556 MiB each if more, at most half the machine's memory.",
+    "By default 2G, or what the worker processes need (300 MiB each plus a 1 GiB unit) if more, at most half the "
+    "machine's memory.",
     flag_values=FLAGS)
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
