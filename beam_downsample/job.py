@@ -169,9 +169,15 @@ def describe(plans: Sequence[LayerPlan]) -> str:
     return "\n".join(lines)
 
 
-def units_per_pass(plans: Sequence[LayerPlan]) -> list[int]:
-    """Work units of each pass, all layers together (a pass runs every layer's units of that index)."""
-    return [len(units) for _, _, units, _ in _passes(plans)]
+def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
+    """(work units, estimated CPU-s) of each pass, all layers together (a pass runs every layer's units)."""
+    return [(len(units), units_work(active, units)) for _, active, units, _ in _passes(plans)]
+
+
+def units_work(plans: Sequence[LayerPlan], units: Sequence[WorkUnit]) -> float:
+    """Estimated CPU-s of `units` (sizing's per-voxel cost of their layers' voxel types)."""
+    bytes_per_voxel = {p.layer.name: p.layer.dtype.itemsize * p.layer.num_channels for p in plans}
+    return sizing.work_seconds((unit.box.voxels, bytes_per_voxel[unit.layer]) for unit in units)
 
 
 def _unit_memory(plan: LayerPlan, index: int) -> float:
@@ -251,7 +257,8 @@ def run_job(
         if todo:
             pass_runner, pass_options = runner, pipeline_options
             if hasattr(runner, "for_pass"):  # our local runner: worker processes and tile threads per pass
-                pass_runner, pass_options, configs = runner.for_pass(len(todo), configs, pipeline_options)
+                pass_runner, pass_options, configs = runner.for_pass(len(todo), configs, pipeline_options,
+                                                                     work=units_work(active, todo))
             with Progress(configs, len(units), label, report):
                 result = _run_pass(index, todo, configs, pass_runner, pass_options, record_failures)
                 result.wait_until_finish()

@@ -151,18 +151,23 @@ class Sizing:
         count = self.processes if processes is None else processes
         return budget_needed(count, self.unit_bytes)
 
-    def for_pass(self, units: int) -> tuple[int, int]:
-        """(worker processes, tile threads per process) of a pass of `units` work units."""
-        processes = pass_processes(self.processes, units)
+    def for_pass(self, units: int, work: Optional[float] = None) -> tuple[int, int]:
+        """(worker processes, tile threads per process) of a pass of `units` work units
+        and `work` estimated CPU-s: by default one process per MIN_WORK_PER_PROCESS of
+        the pass's own work too (the last passes of a pyramid are small)."""
+        planned = self.processes
+        if work is not None and not self.jobs_given:
+            planned = min(planned, int(work // MIN_WORK_PER_PROCESS))
+        processes = pass_processes(planned, units)
         return processes, pass_threads(self.machine.cores, self.processes, processes)
 
-    def describe(self, units_per_pass: Iterable[int] = ()) -> str:
-        """What --dry-run prints: the machine, the budget and, per pass, who runs the units."""
+    def describe(self, passes: Iterable[tuple[int, float]] = ()) -> str:
+        """What --dry-run prints: the machine, the budget and, per pass (units, work), who runs the units."""
         budget = f"{self.budget / GIB:.2f} GiB" + ("" if self.budget_given else " (default)")
         lines = [f"machine: {self.machine.cores} cores, {self.machine.memory / GIB:.1f} GiB; memory budget {budget}; "
                  f"estimated work {self.work_seconds:.0f} CPU-s"]
-        for index, units in enumerate(units_per_pass):
-            processes, thread_count = self.for_pass(units)
+        for index, (units, work) in enumerate(passes):
+            processes, thread_count = self.for_pass(units, work)
             where = (f"{processes} worker processes x {thread_count} tile threads" if processes
                      else f"in the launcher, {thread_count} tile threads")
             lines.append(f"pass {index + 1}: {units} work units, {where}")

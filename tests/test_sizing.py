@@ -156,6 +156,17 @@ def test_a_pass_starts_no_more_workers_than_it_has_units(units, expected):
     assert threads == min(16 // max(processes, 1) + 1, 32 // max(processes, 1))
 
 
+def test_a_small_pass_runs_in_the_launcher_unless_jobs_were_given():
+    """The last passes of a pyramid have a few small units: by default no processes start for them."""
+    default = sizing.choose(sizing.Machine(16, 64 * GIB), "multiprocessing", None, None, 1e4)
+    assert default.processes == 16
+    assert default.for_pass(2, work=5.0) == (0, 17)
+    assert default.for_pass(100, work=45.0) == (4, 5)  # one process per 10 CPU-s of the pass's work
+    assert default.for_pass(100, work=1e4) == (16, 2)
+    given = sizing.choose(sizing.Machine(16, 64 * GIB), "multiprocessing", 16, None, 1e4)
+    assert given.for_pass(2, work=5.0) == (2, 9)  # --jobs: processes wherever there are units for them
+
+
 @pytest.mark.parametrize("unit, threads", [(32 * MIB, 4), (256 * MIB, 5), (1748 * MIB, 17), (1748 * MIB, 65),
                                            (8 * GIB, 4)])
 def test_tiles_leave_room_for_the_level_buffers(unit, threads):

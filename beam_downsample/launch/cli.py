@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(job.describe(plans))
     if _flag_value("dry-run"):
         if sized is not None:
-            print(sized.describe(job.units_per_pass(plans)))
+            print(sized.describe(job.pass_sizes(plans)))
         print(engine.describe())
         return 0
     if not any(p.target_mags for p in plans):

@@ -107,13 +107,15 @@ class LocalPasses:
         self.sizing = sized
         self.flags = list(beam_flags)
 
-    def for_pass(self, units: int, configs: Sequence, pipeline_options=None) -> tuple[object, PipelineOptions, list]:
-        """(Beam runner, pipeline options, configs with this pass's tile threads) of a pass of `units` units."""
+    def for_pass(self, units: int, configs: Sequence, pipeline_options=None,
+                 work: Optional[float] = None) -> tuple[object, PipelineOptions, list]:
+        """(Beam runner, pipeline options, configs with this pass's tile threads) of a pass of
+        `units` units and `work` estimated CPU-s."""
         del pipeline_options  # ours are built from the flags, with this pass's worker count
         # pylint: disable-next=import-outside-toplevel
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-        processes, threads = self.sizing.for_pass(units)
+        processes, threads = self.sizing.for_pass(units, work)
         configs = [dataclasses.replace(config, threads=threads) for config in configs]
         if not processes:
             return FnApiRunner(), PipelineOptions(self.flags, direct_num_workers=1), configs
