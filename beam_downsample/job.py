@@ -15,11 +15,12 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, markers, planning, reduce, sizing, storage, wkw_io
+from beam_downsample import io, locks, markers, planning, reduce, sizing, storage, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
 from beam_downsample.properties import (
+    PROPERTIES_FILE,
     Dataset,
     DatasetError,
     Layer,
@@ -116,6 +117,7 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
             units.append(tuple(planning.plan_units(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)))
             configs.append(_pass_config(dataset, layer, index, a_pass, interpolation, budget))
         plans.append(LayerPlan(layer, tuple(targets), tuple(passes), tuple(units), tuple(configs)))
+    check_write_paths(dataset, plans)
     return plans
 
 
@@ -147,7 +149,7 @@ def _pass_config(
         channels=layer.num_channels,
         interpolation=interpolation,
         levels=tuple(levels),
-        marker_dir=os.path.join(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)),
+        marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)),
         tile_alignment=planning.tile_alignment(a_pass),
         threads=budget.threads,
         tile_voxels=budget.tile_voxels,
@@ -206,6 +208,18 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
                     storage.delete_tree(config.marker_dir)
                     storage.makedirs(config.marker_dir)
                     resuming = False
+
+
+def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
+    """Every file the run will create or replace outside the pass configs (which
+    already built theirs through `storage.join_inside`) is checked before the
+    first write: properties, NGFF metadata, locks, layer directories."""
+    storage.join_inside(dataset.path, PROPERTIES_FILE)
+    for plan in plans:
+        storage.join_inside(dataset.path, plan.layer.name)
+        storage.join_inside(dataset.path, STATE_DIR, plan.layer.name)
+        locks.lock_path(dataset.path, plan.layer.name)
+        io.ngff_files(plan.layer, dataset.path)
 
 
 class UnitFailed(RuntimeError):
@@ -280,13 +294,14 @@ def run_job(
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))
             io.update_ngff(
-                os.path.join(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit, listed
+                storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
+                listed,
             )
         # Applied to the current properties: another layer's run may have listed its mags.
         update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
     for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
-        storage.remove_stale_temp_files(os.path.join(dataset.path, plan.layer.name))
-        storage.delete_tree(os.path.join(dataset.path, STATE_DIR, plan.layer.name))
+        storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
+        storage.delete_tree(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
 
 

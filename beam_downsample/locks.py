@@ -13,6 +13,10 @@ from beam_downsample.io import STATE_DIR
 from beam_downsample.properties import Dataset
 
 
+def lock_path(dataset_path: str, layer_name: str) -> str:
+    return storage.join_inside(dataset_path, STATE_DIR, f"{layer_name}.lock")
+
+
 class LockError(RuntimeError):
     """Another run holds the layer."""
 
@@ -24,7 +28,7 @@ class LayerLocks:
     """
 
     def __init__(self, dataset: Dataset, layer_names: Sequence[str], log: Callable[[str], None] = print):
-        self._paths = [os.path.join(dataset.path, STATE_DIR, f"{name}.lock") for name in layer_names]
+        self._paths = [lock_path(dataset.path, name) for name in layer_names]
         self._held: list[str] = []
         self._log = log
 

@@ -7,7 +7,6 @@ listing of the pass's directory, never one request per unit.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 from beam_downsample import storage
@@ -21,8 +20,11 @@ FAILED = ".failed"
 def marker_path(config: PassConfig, unit: WorkUnit) -> str:
     """Named by the box only: the directory names the pass (mags, interpolation),
     so a rerun that numbers its passes differently still finds its markers."""
-    box = "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop))
-    return os.path.join(config.marker_dir, box + DONE)
+    return storage.join_inside(config.marker_dir, marker_name(unit))
+
+
+def marker_name(unit: WorkUnit) -> str:
+    return "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop)) + DONE
 
 
 def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
@@ -35,7 +37,7 @@ def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> 
 def failures(config: PassConfig) -> list[str]:
     """Failure records of this pass's units, oldest run included."""
     names = storage.list_names(config.marker_dir)
-    return sorted(os.path.join(config.marker_dir, n) for n in names if n.endswith(FAILED))
+    return sorted(storage.join_inside(config.marker_dir, n) for n in names if n.endswith(FAILED))
 
 
 def is_done(config: PassConfig, unit: WorkUnit) -> bool:
@@ -55,4 +57,4 @@ def done_names(config: PassConfig) -> set[str]:
 def not_done(config: PassConfig, units: Iterable[WorkUnit]) -> list[WorkUnit]:
     """The units without a marker, from one listing."""
     done = done_names(config)
-    return [unit for unit in units if os.path.basename(marker_path(config, unit)) not in done]
+    return [unit for unit in units if marker_name(unit) not in done]

@@ -202,6 +202,9 @@ class WorkUnit:
 
 CHUNK = 32
 SHARD = 1024
+# A plan holds every unit in memory (~0.5 KB each) and Beam creates them all:
+# 10^7 units hold ~10^15 voxels at the default budget's unit size; more needs a larger budget.
+MAX_UNITS_PER_PASS = 10**7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +307,12 @@ def plan_units(
     shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
     first_index = [a // s for a, s in zip(needed.start, shape)]
     last_index = [-(-b // s) for b, s in zip(needed.stop, shape)]
+    count = math.prod(b - a for a, b in zip(first_index, last_index))
+    if count > MAX_UNITS_PER_PASS:  # counted before a single unit is built: an absurd box must not exhaust memory
+        raise PlanningError(
+            f"layer {layer!r}: pass {pass_index + 1} would need {count} work units (at most {MAX_UNITS_PER_PASS}); "
+            "is the boundingBox right? Otherwise raise --memory-budget for larger units"
+        )
     units = []
     for ix in range(first_index[0], last_index[0]):
         for iy in range(first_index[1], last_index[1]):

@@ -53,6 +53,48 @@ def normpath(path: str) -> str:
     return f"{GCS_SCHEME}{bucket}" + ("" if key in ("", ".") else f"/{key}")
 
 
+class OutsideTargetError(ValueError):
+    """A path we would write resolves outside TARGET; the message says which and why."""
+
+
+def join_inside(root: str, *parts: str) -> str:
+    """`root` joined with `parts`, refused (OutsideTargetError) unless it stays inside `root`.
+
+    Every path beam-downsample creates, replaces or deletes is built here
+    (new mags, NGFF and properties files, temp files, locks, markers, wkw
+    staging), so one function decides where we write. A part may not be
+    absolute or empty, and the joined path, normalised, must be `root` or
+    under it (on GCS: under its prefix). Locally both sides are also
+    resolved through symlinks: a symlink inside TARGET that leads out of it
+    is refused too, since writing through it would change another dataset.
+    """
+    for part in parts:
+        if not isinstance(part, str) or not part or "\0" in part or part.startswith("/") or os.path.isabs(part):
+            raise OutsideTargetError(f"refusing to write {part!r} under {root}: not a relative path inside it")
+    if is_gcs(root):
+        base = normpath(root)
+        joined = normpath("/".join([base, *parts]))
+        bucket, prefix = split_gcs(base)
+        joined_bucket, key = split_gcs(joined)
+        outside = key == ".." or key.startswith("../") or (prefix and key != prefix and not key.startswith(prefix + "/"))
+        if joined_bucket != bucket or outside:
+            raise OutsideTargetError(f"refusing to write {joined}: it is outside TARGET {base}")
+        return joined
+    joined = os.path.normpath(os.path.join(root, *parts))
+    if not _within(os.path.abspath(joined), os.path.abspath(root)):
+        raise OutsideTargetError(f"refusing to write {joined}: it is outside TARGET {root}")
+    real_root, real = os.path.realpath(root), os.path.realpath(joined)
+    if not _within(real, real_root):
+        raise OutsideTargetError(
+            f"refusing to write {joined}: through a symlink it resolves to {real}, outside TARGET {real_root}"
+        )
+    return joined
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or os.path.commonpath([path, root]) == root
+
+
 def configure_emulator() -> None:
     """With `STORAGE_EMULATOR_HOST` set, sends tensorstore's gcs driver there too.
 

@@ -118,12 +118,16 @@ def level_boxes(config: PassConfig, box: Box) -> list[Box]:
 def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequence[np.ndarray], unit_levels: Sequence[Box]) -> None:
     """Reduces one tile through every level of the pass into the unit's level buffers."""
     replicate_edges(data, tile, config.source_region)
-    box = tile
+    box, source, source_at = tile, data, (0, 0, 0)
     for level, buffer, unit_box in zip(config.levels, buffers, unit_levels):
-        data = reduce.downsample(data, level.factor, config.interpolation)
         box = box.scaled_down(level.factor)
-        buffer[io.local_index(box, unit_box)] = data
-        replicate_edges(data, box, level.region)
+        # Reduced straight into the level buffer, which is also the next level's
+        # input; replicating there is harmless: only voxels inside the region are written.
+        index = io.local_index(box, unit_box)
+        at = tuple(s.start for s in index[1:])
+        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation)
+        replicate_edges(buffer[index], box, level.region)
+        source, source_at = buffer, at
 
 
 def run_unit(

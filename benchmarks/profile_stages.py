@@ -1,6 +1,6 @@
 """Where the time goes: decode, reduce, encode and Beam/start-up, per layer.
 
-    python benchmarks/profile_stages.py BENCH_DATASET
+    python benchmarks/profile_stages.py BENCH_DATASET [--context JSON]
 
 Runs each stage of beam-downsample's work on its own, in this process, on a
 scratch copy of the dataset's arrays (the dataset itself is not modified):
@@ -10,6 +10,8 @@ scratch copy of the dataset's arrays (the dataset itself is not modified):
 one work unit at a time on one thread, with the work units of a real plan.
 Prints wall and CPU seconds per stage; CPU seconds are what two cores share,
 so `sum(cpu) / 2` is the floor of the wall time on this machine.
+`--context` merges a JSON object into `io.context_spec()` (tensorstore's
+context: concurrency limits, cache pool) to compare settings.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import time
 
 _STARTED = time.perf_counter()
+_STARTED_CPU = time.process_time()
 
 # pylint: disable=wrong-import-position
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -48,12 +52,15 @@ class Stopwatch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
+    parser.add_argument("--context", default="{}", help="JSON merged into io.context_spec()")
     args = parser.parse_args()
 
     import_seconds = time.perf_counter() - _STARTED
+    import_cpu = time.process_time() - _STARTED_CPU
     dataset = load_dataset(args.dataset)
     plans = job.plan_job(dataset, job.JobOptions(jobs=1))
-    context = ts.Context(io.context_spec())
+    spec = {**io.context_spec(), **json.loads(args.context)}
+    context = ts.Context(spec)
     watch = Stopwatch()
     scratch = work.Scratch()
     out_dir = tempfile.mkdtemp(prefix="profile-stages-")
@@ -71,8 +78,9 @@ def main() -> None:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
+    print(f"context: {json.dumps(spec)}\n")
     print("| layer | stage | wall s | CPU s |\n|---|---|---|---|")
-    print(f"| - | imports (numpy, tensorstore, apache_beam) | {import_seconds:.2f} | - |")
+    print(f"| - | imports (numpy, tensorstore, apache_beam) | {import_seconds:.2f} | {import_cpu:.2f} |")
     for (layer, stage), (wall, cpu) in watch.rows.items():
         print(f"| {layer} | {stage} | {wall:.2f} | {cpu:.2f} |")
     total_cpu = sum(row[1] for row in watch.rows.values())

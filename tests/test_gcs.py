@@ -317,3 +317,48 @@ def test_gcs_other_formats(emulator, tmp_path, segmentation, data_format):
     assert result.returncode == 0, result.stderr
     assert run_cli(local, "--distribution-strategy", "sequential").returncode == 0
     assert download(f"format-{data_format}") == tree_bytes(local)
+
+
+def bucket_state() -> dict[str, tuple]:
+    """Every object of the bucket: name -> (md5, generation)."""
+    return {blob.name: (blob.md5_hash, blob.generation) for blob in storage.gcs_client().list_blobs(BUCKET)}
+
+
+def escaping_dataset(local_dataset, prefix: str) -> str:
+    """The dataset at gs://BUCKET/prefix/ds with its color layer renamed `../evil/color`
+    and that layer's mag 1 moved to gs://BUCKET/prefix/evil/color/1."""
+    url = upload(local_dataset, f"{prefix}/ds")
+    bucket = storage.gcs_client().bucket(BUCKET)
+    for blob in list(storage.gcs_client().list_blobs(BUCKET, prefix=f"{prefix}/ds/color/")):
+        bucket.copy_blob(blob, bucket, f"{prefix}/evil/color/" + blob.name[len(f"{prefix}/ds/color/"):])
+        blob.delete()
+    raw = json.loads(storage.read_text(f"{url}/{PROPERTIES}"))
+    raw["dataLayers"][0]["name"] = "../evil/color"
+    raw["dataLayers"][0]["mags"][0]["path"] = "../evil/color/1"
+    storage.write_json_atomically(f"{url}/{PROPERTIES}", raw)
+    return url
+
+
+def test_gcs_layer_name_escaping_the_prefix_is_refused_and_nothing_is_written(emulator, local_dataset):
+    url = escaping_dataset(local_dataset, "escape")
+    before = bucket_state()
+    result = run_cli(url, "--layer-name", "../evil/color", "--distribution-strategy", "sequential")
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("beam-downsample: error: ") and "'../evil/color' is invalid" in line
+    assert bucket_state() == before
+
+
+def test_gcs_writes_are_confined_even_past_the_name_rule(emulator, local_dataset, monkeypatch, capsys):
+    """The second line of defence: with the name rule switched off, storage.join_inside
+    still refuses every write path under gs://BUCKET/escape2/evil/ (outside the prefix)."""
+    from beam_downsample.launch import cli  # pylint: disable=import-outside-toplevel
+
+    url = escaping_dataset(local_dataset, "escape2")
+    before = bucket_state()
+    monkeypatch.setattr(properties, "check_layer_name", lambda name: name)
+    code = cli.main(["beam-downsample", url, "--layer-name", "../evil/color", "--distribution-strategy", "sequential"])
+    (line,) = error_lines(capsys.readouterr().err)
+    assert code == 2
+    assert f"gs://{BUCKET}/escape2/evil/color" in line and f"outside TARGET {url}" in line
+    assert bucket_state() == before

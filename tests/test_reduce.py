@@ -1,16 +1,24 @@
-"""Block reductions against a plain-Python reference (contract section 3)."""
+"""Block reductions against a plain-Python reference (contract section 3).
+
+Each case checks every implementation: `reduce.downsample` (what the job
+calls), the numpy kernel and, where there is one, the compiled kernel.
+"""
 
 from __future__ import annotations
 
 import collections
 import fractions
 import itertools
+import json
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
-from beam_downsample import reduce
+from beam_downsample import compiled, reduce
 
 # ---------------------------------------------------------------------------
 # plain-Python reference
@@ -104,13 +112,31 @@ def make(dtype: str, factor, kind: str, channels: int = 1, seed: int = 0) -> np.
     raise AssertionError(kind)
 
 
+def results(data, factor, interpolation) -> dict:
+    """Every implementation's answer, by name."""
+    out = {"downsample": reduce.downsample(data, factor, interpolation)}
+    if tuple(factor) != (1, 1, 1):
+        out["numpy"] = reduce.KERNELS[interpolation](data, factor)
+    if compiled.available(data, factor, interpolation):
+        out["compiled"] = compiled.downsample(data, factor, interpolation)
+    return out
+
+
 def check(data, factor, interpolation):
-    result = reduce.downsample(data, factor, interpolation)
     expected = reference(data, factor, interpolation)
-    assert result.dtype == data.dtype
-    assert result.shape == expected.shape
-    np.testing.assert_array_equal(result, expected)
-    return result
+    found = results(data, factor, interpolation)
+    for name, result in found.items():
+        assert result.dtype == data.dtype, name
+        assert result.shape == expected.shape, name
+        np.testing.assert_array_equal(result, expected, err_msg=name)
+    return found["downsample"]
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def backend(request, monkeypatch):
+    """Runs a test of `reduce.downsample` once with and once without the compiled kernels."""
+    monkeypatch.setattr(reduce, "_COMPILED", [compiled if request.param == "compiled" else None])
+    return request.param
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +172,7 @@ def test_mean_bit_identical_to_tensorstore(dtype, factor):
     np.testing.assert_array_equal(reduce.downsample(data, factor, "mean"), expected)
 
 
+@pytest.mark.usefixtures("backend")
 def test_signed_median_truncates_toward_zero():
     """Measured with the reference on int8/int16 layers: (-3 + -2) / 2 = -2.5 -> -2, not -3."""
     data = np.array([-3, -2, 3, 2, -128, -127, 127, 126], dtype=np.int8).reshape(1, 8, 1, 1)
@@ -154,6 +181,7 @@ def test_signed_median_truncates_toward_zero():
     assert reduce.downsample(big, (2, 1, 1), "median").ravel().tolist() == [-(2**62) - 1]
 
 
+@pytest.mark.usefixtures("backend")
 def test_float_median_not_truncated():
     data = np.array([0.5, 1.0, -0.25, -2.0], dtype=np.float32).reshape(1, 4, 1, 1)
     assert reduce.downsample(data, (2, 1, 1), "median").ravel().tolist() == [0.75, -1.125]
@@ -176,6 +204,7 @@ def test_uint64_above_2_53(interpolation, factor):
         assert set(result.ravel().tolist()) <= set(data.ravel().tolist())
 
 
+@pytest.mark.usefixtures("backend")
 def test_mode_uint64_exact_low_bits():
     base = 2**60 + 2**54
     values = [base + 1, base + 2, base + 2, base + 1, base + 3, base + 2, base + 1, base + 2]
@@ -242,6 +271,7 @@ def _one_block(values, factor=(2, 2, 2), dtype=np.uint8):
     return data
 
 
+@pytest.mark.usefixtures("backend")
 def test_median_hand_cases():
     assert reduce.downsample(_one_block(range(1, 9)), (2, 2, 2), "median").item() == 4
     assert reduce.downsample(_one_block([8, 3, 1, 6, 2, 7, 5, 4]), (2, 2, 2), "median").item() == 4
@@ -257,6 +287,7 @@ def test_median_hand_cases():
     assert reduce.downsample(_one_block([5, 1, 9], (3, 1, 1)), (3, 1, 1), "median").item() == 5
 
 
+@pytest.mark.usefixtures("backend")
 def test_mode_tie_break_differs_from_c_order():
     # A at block positions 1 and 7, B at 4 and 5: tie 2-2, A comes first in block order
     # (in C order, z fastest, B would come first).
@@ -268,6 +299,7 @@ def test_mode_tie_break_differs_from_c_order():
     )
 
 
+@pytest.mark.usefixtures("backend")
 def test_mode_tie_break_y_before_x():
     # B at (dx=0, dy=1) = block index 1, A at (dx=1, dy=0) = block index 2: B wins
     # (walking x fastest would pick A).
@@ -276,6 +308,7 @@ def test_mode_tie_break_y_before_x():
     assert reduce.downsample(_one_block(values), (2, 2, 2), "mode").item() == b
 
 
+@pytest.mark.usefixtures("backend")
 def test_mode_zero_is_a_label():
     assert reduce.downsample(_one_block([5, 0, 0, 0, 5, 5, 7, 0], dtype=np.uint32), (2, 2, 2), "mode").item() == 0
     assert reduce.downsample(_one_block([0, 5, 5, 0, 3, 3, 3, 9], dtype=np.uint32), (2, 2, 2), "mode").item() == 3
@@ -306,6 +339,7 @@ def test_identity_factor_copies():
         assert not np.shares_memory(result, data)
 
 
+@pytest.mark.usefixtures("backend")
 def test_input_not_modified():
     data = make("uint32", (2, 2, 2), "ties", channels=2)
     before = data.copy()
@@ -326,3 +360,172 @@ def test_errors():
 
 def test_default_interpolation():
     assert reduce.DEFAULT_INTERPOLATION == {"color": "median", "segmentation": "mode"}
+
+
+# ---------------------------------------------------------------------------
+# compiled kernels: the same answers as numpy, bit for bit
+
+COMPILED_FACTORS = [(2, 2, 1), (2, 2, 2)]
+
+
+def test_compiled_kernels_cover_real_plans():
+    """numba is a dependency: the factors real plans use must not fall back to numpy silently."""
+    assert reduce._compiled() is compiled  # pylint: disable=protected-access
+    for dtype, factor, interpolation in itertools.product(DTYPES, COMPILED_FACTORS, ["median", "mode"]):
+        assert compiled.available(np.zeros((1, 4, 4, 4), dtype=dtype, order="F"), factor, interpolation)
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("factor", COMPILED_FACTORS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("out_shape", [(1, 1, 1), (5, 3, 7), (7, 1, 2)], ids=str)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_compiled_odd_shapes(interpolation, dtype, factor, out_shape, channels):
+    rng = np.random.default_rng(zlib.crc32(repr((interpolation, dtype, factor, out_shape, channels)).encode()))
+    shape = (channels,) + tuple(o * f for o, f in zip(out_shape, factor))
+    ties = rng.integers(0, 3, shape)
+    if np.dtype(dtype).kind == "f":
+        wide = rng.standard_normal(shape) * 1000
+    else:
+        info = np.iinfo(dtype)
+        wide = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    for values in (ties, wide):
+        data = np.asfortranarray(values.astype(dtype))
+        check(data, factor, interpolation)
+        check(np.ascontiguousarray(data), factor, interpolation)
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode"])
+@pytest.mark.parametrize("factor", COMPILED_FACTORS, ids=lambda f: "x".join(map(str, f)))
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+def test_compiled_64_bit_extremes(interpolation, factor, dtype):
+    """Values at the ends of the range and above 2**53: no float rounding, no overflow."""
+    info = np.iinfo(dtype)
+    pool = np.array([info.min, info.min + 1, info.max, info.max - 1, 2**53 + 1, 2**60 + 3, 0, 1], dtype=dtype)
+    if dtype == "int64":
+        pool = np.concatenate([pool, np.array([-(2**53) - 1, -(2**62) - 1, -1], dtype=dtype)])
+    rng = np.random.default_rng(4)
+    data = np.asfortranarray(pool[rng.integers(0, len(pool), (1, 8 * factor[0], 6 * factor[1], 4 * factor[2]))])
+    check(data, factor, interpolation)
+
+
+def _segmentation_crop(shape) -> np.ndarray:
+    from beam_downsample import demo  # pylint: disable=import-outside-toplevel
+
+    seg = demo.load_segmentation()
+    x, y, z = shape
+    return np.asfortranarray(seg[200:200 + x, 180:180 + y, 300:300 + z])[None]
+
+
+@pytest.mark.parametrize("factor", COMPILED_FACTORS, ids=lambda f: "x".join(map(str, f)))
+def test_compiled_real_segmentation(factor):
+    """The real 512^3 segmentation (mostly uniform blocks, real label borders)."""
+    small = _segmentation_crop((48, 48, 16))
+    check(small, factor, "mode")
+    check(small.astype(np.uint64, order="F") + np.uint64(2**60), factor, "mode")
+    check((small % 251).astype(np.uint8, order="F"), factor, "median")
+    big = _segmentation_crop((256, 256, 64))  # too big for the loop reference: numpy against compiled
+    for data, interpolation in ((big, "mode"), ((big % 65521).astype(np.uint16, order="F"), "median")):
+        found = results(data, factor, interpolation)
+        assert set(found) == {"downsample", "numpy", "compiled"}
+        np.testing.assert_array_equal(found["compiled"], found["numpy"])
+        np.testing.assert_array_equal(found["downsample"], found["numpy"])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("interpolation", ["median", "mode"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("factor", COMPILED_FACTORS, ids=lambda f: "x".join(map(str, f)))
+def test_compiled_nan_inf_signed_zero_like_numpy(interpolation, dtype, factor):
+    """NaN, infinities and both zeros: the same bits as numpy's minimum/maximum network."""
+    pool = np.array([np.nan, -np.nan, 0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.5], dtype=dtype)
+    rng = np.random.default_rng(8)
+    seen = np.zeros(0, dtype=dtype)
+    for weights in (None, [0.05, 0.05, 0.3, 0.3, 0.1, 0.05, 0.05, 0.05, 0.05]):
+        picks = rng.choice(len(pool), size=(2, 16 * factor[0], 12 * factor[1], 6 * factor[2]), p=weights)
+        data = np.asfortranarray(pool[picks])
+        found = results(data, factor, interpolation)
+        assert "compiled" in found
+        bits = {name: r.view(f"u{r.dtype.itemsize}") for name, r in found.items()}
+        np.testing.assert_array_equal(bits["compiled"], bits["numpy"])
+        np.testing.assert_array_equal(bits["downsample"], bits["numpy"])
+        seen = np.concatenate([seen, found["numpy"].ravel()])
+    zeros = seen[seen == 0]
+    assert np.isnan(seen).any() and np.signbit(zeros).any() and not np.signbit(zeros).all()  # the cases were met
+
+
+@pytest.mark.parametrize("interpolation", ["median", "mode", "mean"])
+def test_downsample_box_writes_only_its_box(interpolation):
+    """Reading a box of one array into a box of another, as `work.reduce_tile` does."""
+    rng = np.random.default_rng(12)
+    src = np.asfortranarray(rng.integers(0, 4, (2, 20, 18, 12)).astype(np.uint32))
+    for factor, src_at, dst_at, shape in [((2, 2, 1), (2, 4, 1), (3, 0, 5), (4, 5, 7)),
+                                          ((2, 2, 2), (0, 2, 4), (0, 1, 0), (10, 8, 4))]:
+        dst = np.full((2, 14, 12, 12), 99, dtype=np.uint32, order="F")
+        before = dst.copy(order="F")
+        reduce.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
+        source = (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(src_at, shape, factor))
+        target = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(dst_at, shape))
+        np.testing.assert_array_equal(dst[target], reference(src[source], factor, interpolation))
+        before[target] = dst[target]
+        np.testing.assert_array_equal(dst, before)  # nothing outside the box touched
+    with pytest.raises(ValueError):
+        reduce.downsample_box(src, (12, 0, 0), dst, (0, 0, 0), (5, 2, 2), (2, 2, 1), "mode")
+
+
+@pytest.mark.parametrize("interpolation,dtype", [("mode", "uint32"), ("median", "uint8")])
+def test_compiled_levels_chained(interpolation, dtype, monkeypatch):
+    """2-2-1 three times, then 2-2-2, through level buffers as a pass does: same as numpy."""
+    data = _segmentation_crop((128, 128, 32))
+    data = data.astype(dtype, order="F") if dtype == "uint32" else (data % 253).astype(dtype, order="F")
+    factors = [(2, 2, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2)]
+    answers = {}
+    for name in ("compiled", "numpy"):
+        monkeypatch.setattr(reduce, "_COMPILED", [compiled if name == "compiled" else None])
+        source, at, levels = data, (0, 0, 0), []
+        shape = data.shape[1:]
+        for factor in factors:
+            shape = tuple(s // f for s, f in zip(shape, factor))
+            buffer = np.zeros((1, shape[0] + 3, shape[1] + 1, shape[2] + 2), dtype=dtype, order="F")
+            reduce.downsample_box(source, at, buffer, (3, 1, 2), shape, factor, interpolation)
+            source, at = buffer, (3, 1, 2)
+            levels.append(buffer[:, 3:, 1:, 2:].copy())
+        answers[name] = levels
+    expected = data
+    for factor, ours, theirs in zip(factors, answers["compiled"], answers["numpy"]):
+        expected = reduce.KERNELS[interpolation](expected, factor)
+        np.testing.assert_array_equal(ours, expected)
+        np.testing.assert_array_equal(theirs, expected)
+
+
+_CACHE_PROBE = """
+import json, sys, numpy as np
+from beam_downsample import compiled, reduce
+data = np.asfortranarray(np.arange(64, dtype=np.uint16).reshape(1, 4, 4, 4) % 5)
+result = reduce.downsample(data, (2, 2, 2), "mode")
+stats = compiled.mode_222.stats
+print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                  "result": result.ravel().tolist()}))
+"""
+
+
+def test_compiled_cache_reused_by_next_process(tmp_path):
+    """A cold worker compiles and stores; the next process loads instead of compiling."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
+    assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
+    assert any(tmp_path.rglob("*.nbi"))
+    data = np.asfortranarray(np.arange(64, dtype=np.uint16).reshape(1, 4, 4, 4) % 5)
+    assert runs[0]["result"] == runs[1]["result"] == reference(data, (2, 2, 2), "mode").ravel().tolist()
+
+
+def test_numpy_kernels_on_request():
+    """BEAM_DOWNSAMPLE_KERNELS=numpy: the numpy kernels only, and numba is never imported."""
+    probe = ("import sys, numpy as np; from beam_downsample import reduce; "
+             "r = reduce.downsample(np.ones((1, 4, 4, 2), np.uint8), (2, 2, 1), 'median'); "
+             "print(reduce._compiled() is None, 'numba' in sys.modules, r.sum())")
+    env = dict(os.environ, BEAM_DOWNSAMPLE_KERNELS="numpy")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["True", "False", "8"]

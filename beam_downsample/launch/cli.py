@@ -20,7 +20,7 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, locks, machine, reduce, sizing
+from beam_downsample import job, locks, machine, reduce, sizing, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker_cores=engine.worker_cores,
         )
         plans = job.plan_job(dataset, options)
-    except (runners.UsageError, DatasetError, PlanningError, sizing.SizingError, machine.MachineError) as error:
+    except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
+            machine.MachineError) as error:
         return _fail(str(error))
     print(job.describe(plans))
     if _flag_value("dry-run"):

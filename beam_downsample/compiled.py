@@ -1,0 +1,329 @@
+"""Compiled median and mode for the factors real plans use (2-2-1, 2-2-2).
+
+numba kernels, bit-identical to the numpy kernels in `reduce` (which stay
+the reference and cover everything else): the same block order (y fastest,
+then x, then z) for the mode's tie-break, the same min/max network and
+truncated mean of the middle pair for the median, the same NaN and signed
+zero behaviour as numpy's `minimum`/`maximum`. No Beam import.
+
+Compiled code is cached on disk (`cache=True`) so a worker process loads it
+in milliseconds instead of compiling it again; see `_cache_dir` for where.
+Kernels release the GIL, so the tile threads of `work.run_unit` run them in
+parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+
+try:
+    import numba
+    from numba import types
+    from numba.extending import overload
+except ImportError:  # pragma: no cover - numba is a dependency; numpy still works without it
+    numba = None
+
+FACTORS = ((2, 2, 1), (2, 2, 2))
+DTYPES = frozenset(np.dtype(t) for t in (
+    "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64"))
+
+
+def _cache_dir() -> None:
+    """numba caches beside this module, else in ~/.cache/numba; where neither
+    is writable (a read-only site-packages and home, as in some containers)
+    it would refuse to cache at all, so fall back to a per-user temp dir."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    user = os.path.join(os.path.expanduser("~"), ".cache")
+    if os.access(here if os.path.isdir(here) else os.path.dirname(here), os.W_OK):
+        return
+    if os.access(user if os.path.isdir(user) else os.path.expanduser("~"), os.W_OK):
+        return
+    numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"beam-downsample-numba-{os.getuid()}")
+
+
+def available(src: np.ndarray, factor: Sequence[int], interpolation: str, dst: np.ndarray | None = None) -> bool:
+    """Whether `src` (and `dst`) have a compiled kernel for `interpolation` at `factor`:
+    Fortran order (the layout of tiles and level buffers) is required, as the
+    kernels walk the memory flat."""
+    return (
+        numba is not None
+        and interpolation in ("median", "mode")
+        and tuple(factor) in FACTORS
+        and src.dtype in DTYPES
+        and src.dtype.isnative
+        and src.ndim == 4
+        and src.flags.f_contiguous
+        and (dst is None or (dst.dtype == src.dtype and dst.ndim == 4 and dst.shape[0] == src.shape[0]
+                             and dst.flags.f_contiguous and dst.flags.writeable
+                             and not np.may_share_memory(src, dst)))
+    )
+
+
+def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> np.ndarray:
+    """`reduce.downsample` for the cases `available` accepts (the shape divisible by `factor`)."""
+    if data.ndim != 4 or any(s % f for s, f in zip(data.shape[1:], factor)):
+        raise ValueError(f"shape {data.shape[1:]} is not a multiple of factor {tuple(factor)}")
+    shape = tuple(s // f for s, f in zip(data.shape[1:], factor))
+    out = np.empty((data.shape[0], *shape), dtype=data.dtype, order="F")
+    downsample_box(data, (0, 0, 0), out, (0, 0, 0), shape, factor, interpolation)
+    return out
+
+
+def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_at: Sequence[int],
+                   shape: Sequence[int], factor: Sequence[int], interpolation: str) -> None:
+    """Reduces the box of `src` at `src_at` into the box of `dst` at `dst_at`
+    shaped `shape` (in output voxels); both boxes must lie inside their arrays."""
+    for a, at, n, f in zip(src.shape[1:], src_at, shape, factor):
+        if at < 0 or at + n * f > a:
+            raise ValueError(f"source box at {tuple(src_at)} of {tuple(shape)}x{tuple(factor)} outside {src.shape}")
+    for a, at, n in zip(dst.shape[1:], dst_at, shape):
+        if at < 0 or at + n > a:
+            raise ValueError(f"target box at {tuple(dst_at)} of {tuple(shape)} outside {dst.shape}")
+    if any(n == 0 for n in shape):
+        return
+    flat_src, flat_dst = src.reshape(-1, order="F"), dst.reshape(-1, order="F")
+    if not (np.shares_memory(flat_src[:1], src) and np.shares_memory(flat_dst[:1], dst)):
+        raise ValueError("the compiled kernels need Fortran-contiguous arrays")
+    (nc, sx, sy, _), (_, dx, dy, _) = src.shape, dst.shape
+    s0 = nc * (src_at[0] + sx * (src_at[1] + sy * src_at[2]))
+    d0 = nc * (dst_at[0] + dx * (dst_at[1] + dy * dst_at[2]))
+    KERNELS[interpolation, tuple(factor)](flat_src, s0, nc * sx, nc * sx * sy, flat_dst, d0, nc * dx, nc * dx * dy, nc, *shape)
+
+
+if numba is not None:
+    _cache_dir()
+    _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+    # ----------------------------------------------------------------------
+    # scalar helpers, chosen per dtype at compile time
+
+    def _lo(a, b):  # pragma: no cover - compiled only
+        """np.minimum: NaN wins, equal values give `b` (its signed zero)."""
+
+    def _hi(a, b):  # pragma: no cover - compiled only
+        """np.maximum: NaN wins, equal values give `b`."""
+
+    def _mid(a, b):  # pragma: no cover - compiled only
+        """`reduce._mean_of_two_truncated` for one pair."""
+
+    @overload(_lo, jit_options={"cache": True})
+    def _lo_impl(a, b):
+        if isinstance(a, types.Float):
+            return lambda a, b: a if (a < b or a != a) else b
+        return lambda a, b: a if a < b else b
+
+    @overload(_hi, jit_options={"cache": True})
+    def _hi_impl(a, b):
+        if isinstance(a, types.Float):
+            return lambda a, b: a if (a > b or a != a) else b
+        return lambda a, b: a if a > b else b
+
+    @overload(_mid, jit_options={"cache": True})
+    def _mid_impl(a, b):
+        if isinstance(a, types.Float):
+            kind = a
+
+            def mid_float(a, b):
+                return kind((np.float64(a) + np.float64(b)) / 2.0)
+
+            return mid_float
+        if isinstance(a, types.Integer) and a.bitwidth <= 32:
+            kind = a
+
+            def mid_narrow(a, b):
+                total = np.int64(a) + np.int64(b)  # exact: no overflow in 64 bits
+                half = total >> 1  # floor
+                if total < 0:
+                    half += total & 1  # truncate toward zero
+                return kind(half)
+
+            return mid_narrow
+        if isinstance(a, types.Integer) and a.signed:
+            kind = a
+
+            def mid_int64(a, b):
+                one = kind(1)
+                floor = (a >> one) + (b >> one) + (a & b & one)
+                if floor < kind(0):
+                    floor += (a ^ b) & one
+                return floor
+
+            return mid_int64
+        kind = a
+
+        def mid_uint64(a, b):
+            one = kind(1)
+            return (a >> one) + (b >> one) + (a & b & one)
+
+        return mid_uint64
+
+    @_jit
+    def _median4(v0, v1, v2, v3):
+        """`reduce._middle_pair_of_four`, then the truncated mean."""
+        return _mid(_hi(_lo(v0, v1), _lo(v2, v3)), _lo(_hi(v0, v1), _hi(v2, v3)))
+
+    @_jit
+    def _median8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """`reduce._middle_pair_of_eight`, comparator for comparator."""
+        v0, v1 = _lo(v0, v1), _hi(v0, v1)
+        v2, v3 = _lo(v2, v3), _hi(v2, v3)
+        v4, v5 = _lo(v4, v5), _hi(v4, v5)
+        v6, v7 = _lo(v6, v7), _hi(v6, v7)
+        v0, v2 = _lo(v0, v2), _hi(v0, v2)
+        v1, v3 = _lo(v1, v3), _hi(v1, v3)
+        v4, v6 = _lo(v4, v6), _hi(v4, v6)
+        v5, v7 = _lo(v5, v7), _hi(v5, v7)
+        v1, v2 = _lo(v1, v2), _hi(v1, v2)
+        v5, v6 = _lo(v5, v6), _hi(v5, v6)
+        s4 = _hi(v0, v4)
+        s5 = _hi(v1, v5)
+        s2 = _lo(v2, v6)
+        s3 = _lo(v3, v7)
+        return _mid(_lo(s3, s5), _hi(s2, s4))
+
+    @_jit
+    def _mode4(v0, v1, v2, v3):
+        """Most frequent of four, ties to the first in block order. As logic, not
+        counts (64-bit counters halved the vector width): a value met twice wins
+        unless one met later is met more often, which four voxels cannot hold."""
+        if (v0 == v1) | (v0 == v2) | (v0 == v3):
+            return v0
+        if (v1 == v2) | (v1 == v3):
+            return v1
+        if v2 == v3:
+            return v2
+        return v0
+
+    @_jit
+    def _mode8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """Most frequent of eight, ties to the first in block order: the count of
+        each position is 1 + how often its value comes again later, so only a
+        value's first occurrence carries its full count."""
+        c0 = 1 + (v0 == v1) + (v0 == v2) + (v0 == v3) + (v0 == v4) + (v0 == v5) + (v0 == v6) + (v0 == v7)
+        if c0 >= 4:  # half or more: no other value can beat it, a tie goes to v0
+            return v0
+        c1 = 1 + (v1 == v2) + (v1 == v3) + (v1 == v4) + (v1 == v5) + (v1 == v6) + (v1 == v7)
+        c2 = 1 + (v2 == v3) + (v2 == v4) + (v2 == v5) + (v2 == v6) + (v2 == v7)
+        c3 = 1 + (v3 == v4) + (v3 == v5) + (v3 == v6) + (v3 == v7)
+        c4 = 1 + (v4 == v5) + (v4 == v6) + (v4 == v7)
+        c5 = 1 + (v5 == v6) + (v5 == v7)
+        c6 = 1 + (v6 == v7)
+        best, count = v0, c0
+        if c1 > count:
+            best, count = v1, c1
+        if c2 > count:
+            best, count = v2, c2
+        if c3 > count:
+            best, count = v3, c3
+        if c4 > count:
+            best, count = v4, c4
+        if c5 > count:
+            best, count = v5, c5
+        if c6 > count:
+            best = v6
+        return best
+
+    # ----------------------------------------------------------------------
+    # kernels. The (c, x, y, z) arrays are Fortran order: channel, then x,
+    # fastest. Each kernel reduces the box of `src` starting at (sx, sy, sz)
+    # into the box of `dst` of shape (nx, ny, nz) starting at (dx, dy, dz),
+    # walking both as flat memory with unsigned indices: numba then emits no
+    # negative-index wraparound and LLVM vectorises the row loops (measured:
+    # uint8 median 2-2-1 from 1.5 to 13 GVox/s, uint32 mode from 0.8 to 2.5).
+    # A row of one channel is `n` voxels `step` apart (`step` = channels);
+    # the one-channel case is its own call so the compiler sees `step == 1`.
+
+    _U = np.uintp
+
+    @_jit
+    def _median_row4(s, a, b, d, o, n, step):
+        for x in range(n):
+            i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
+            d[_U(o + step * x)] = _median4(s[i], s[j], s[i + k], s[j + k])
+
+    @_jit
+    def _median_row8(s, a, b, e, f, d, o, n, step):
+        for x in range(n):
+            i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
+            p, q = _U(e + 2 * step * x), _U(f + 2 * step * x)
+            d[_U(o + step * x)] = _median8(s[i], s[j], s[i + k], s[j + k], s[p], s[q], s[p + k], s[q + k])
+
+    @_jit
+    def _mode_row4(s, a, b, d, o, n, step):
+        for x in range(n):
+            i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
+            d[_U(o + step * x)] = _mode4(s[i], s[j], s[i + k], s[j + k])
+
+    @_jit
+    def _mode_row8(s, a, b, e, f, d, o, n, step):
+        for x in range(n):
+            i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
+            p, q = _U(e + 2 * step * x), _U(f + 2 * step * x)
+            d[_U(o + step * x)] = _mode8(s[i], s[j], s[i + k], s[j + k], s[p], s[q], s[p + k], s[q + k])
+
+    # Drivers: `s` and `d` are the flat memory of the source and target
+    # arrays, `s0`/`d0` the boxes' first elements, `*ys`/`*zs` the strides of
+    # y and z in elements, `nc` the channels; (nx, ny, nz) the target box.
+
+    @_jit
+    def median_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+        for c in range(nc):
+            for z in range(nz):
+                for y in range(ny):
+                    a = s0 + c + sys_ * 2 * y + szs * z
+                    o = d0 + c + dys * y + dzs * z
+                    if nc == 1:
+                        _median_row4(s, a, a + sys_, d, o, nx, 1)
+                    else:
+                        _median_row4(s, a, a + sys_, d, o, nx, nc)
+
+    @_jit
+    def median_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+        for c in range(nc):
+            for z in range(nz):
+                for y in range(ny):
+                    a = s0 + c + sys_ * 2 * y + szs * 2 * z
+                    o = d0 + c + dys * y + dzs * z
+                    if nc == 1:
+                        _median_row8(s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, 1)
+                    else:
+                        _median_row8(s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, nc)
+
+    @_jit
+    def mode_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+        for c in range(nc):
+            for z in range(nz):
+                for y in range(ny):
+                    a = s0 + c + sys_ * 2 * y + szs * z
+                    o = d0 + c + dys * y + dzs * z
+                    if nc == 1:
+                        _mode_row4(s, a, a + sys_, d, o, nx, 1)
+                    else:
+                        _mode_row4(s, a, a + sys_, d, o, nx, nc)
+
+    @_jit
+    def mode_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+        for c in range(nc):
+            for z in range(nz):
+                for y in range(ny):
+                    a = s0 + c + sys_ * 2 * y + szs * 2 * z
+                    o = d0 + c + dys * y + dzs * z
+                    if nc == 1:
+                        _mode_row8(s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, 1)
+                    else:
+                        _mode_row8(s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, nc)
+
+    KERNELS = {
+        ("median", (2, 2, 1)): median_221,
+        ("median", (2, 2, 2)): median_222,
+        ("mode", (2, 2, 1)): mode_221,
+        ("mode", (2, 2, 2)): mode_222,
+    }
+else:  # pragma: no cover
+    KERNELS = {}
