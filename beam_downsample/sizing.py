@@ -52,9 +52,10 @@ class Machine:
 
 
 def cpu_seconds_per_voxel(bytes_per_voxel: int) -> float:
-    """Decode + reduce + encode per source voxel, measured on the 2-core bench
-    (`benchmarks/profile_stages.py`: color uint8 9.7 ns, segmentation uint32 19 ns)."""
-    return (8 + 3 * bytes_per_voxel) * 1e-9
+    """Decode + reduce + encode per source voxel, measured on the 2-core bench with the
+    compiled kernels (`benchmarks/profile_stages.py`: color uint8 8.9 ns, segmentation
+    uint32 12.4 ns; before them 9.7 and 19 ns)."""
+    return (7.5 + 1.25 * bytes_per_voxel) * 1e-9
 
 
 def work_seconds(layers: Iterable[tuple[int, int]]) -> float:
