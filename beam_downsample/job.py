@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 
-from beam_downsample import io, locks, markers, planning, reduce, storage, supervise, wkw_io
+from beam_downsample import io, locks, markers, planning, reduce, sizing, storage, supervise, wkw_io
 from beam_downsample.machine import available_cores
 from beam_downsample.mags import Mag, factor_between, mag_name
 from beam_downsample.planning import Pass, WorkUnit
@@ -32,7 +32,7 @@ from beam_downsample.progress import Progress
 from beam_downsample.work import LevelConfig, PassConfig
 
 STATE_DIR = io.STATE_DIR
-WORKER_OVERHEAD_BYTES = 300 << 20  # interpreter, Beam, tensorstore and its pools
+WORKER_OVERHEAD_BYTES = sizing.PROCESS_BYTES  # interpreter, Beam, tensorstore and its pools
 DEFAULT_MEMORY_BUDGET = 2 << 30
 
 
@@ -43,7 +43,7 @@ class JobOptions:
     coarsest_mag: Optional[Mag] = None
     interpolation: Optional[str] = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    jobs: int = 1
+    jobs: int = 1  # worker processes the units are sized for; 0: the launcher runs the units itself
     # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.
     worker_memory: Optional[int] = None
     worker_cores: Optional[int] = None
@@ -59,19 +59,21 @@ class LayerPlan:
 
 
 def unit_budget(options: JobOptions) -> planning.UnitBudget:
-    """What one work unit may hold, so that all workers plus the launcher fit the budget.
+    """What one work unit may hold, so that all workers plus the launcher fit the budget
+    (the rules are `sizing`'s).
 
-    Each worker reduces tiles on its share of the cores plus one thread, so
+    Each process reduces tiles on its share of the cores plus one thread, so
     that reading one tile overlaps reducing another. A cluster worker has its
     own memory and cores and runs one unit at a time.
     """
     if options.worker_memory is not None:
-        per_worker = max(options.worker_memory - WORKER_OVERHEAD_BYTES, 32 << 20)
-        return planning.UnitBudget(bytes=per_worker, threads=(options.worker_cores or 1) + 1)
-    workers = max(options.jobs, 1)
-    per_worker = max((options.memory_budget - WORKER_OVERHEAD_BYTES * (workers + 1)) // workers, 32 << 20)
-    threads = max(available_cores() // workers, 1) + 1
-    return planning.UnitBudget(bytes=per_worker, threads=threads)
+        per_worker = max(options.worker_memory - WORKER_OVERHEAD_BYTES, sizing.MIN_UNIT_BYTES)
+        threads = (options.worker_cores or 1) + 1
+    else:
+        workers = max(options.jobs, 0)
+        per_worker = sizing.unit_bytes(options.memory_budget, workers)
+        threads = sizing.threads(available_cores(), workers)
+    return planning.UnitBudget(bytes=per_worker, threads=threads, tile_voxels=sizing.tile_voxels(per_worker, threads))
 
 
 def check_writable(dataset_path: str, layer_names: Sequence[str]) -> None:
@@ -187,6 +189,17 @@ def describe(plans: Sequence[LayerPlan]) -> str:
     return "\n".join(lines)
 
 
+def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
+    """(work units, estimated CPU-s) of each pass, all layers together (a pass runs every layer's units)."""
+    return [(len(units), units_work(active, units)) for _, active, units, _ in _passes(plans)]
+
+
+def units_work(plans: Sequence[LayerPlan], units: Sequence[WorkUnit]) -> float:
+    """Estimated CPU-s of `units` (sizing's per-voxel cost of their layers' voxel types)."""
+    bytes_per_voxel = {p.layer.name: p.layer.dtype.itemsize * p.layer.num_channels for p in plans}
+    return sizing.work_seconds((unit.box.voxels, bytes_per_voxel[unit.layer]) for unit in units)
+
+
 def _unit_memory(plan: LayerPlan, index: int) -> float:
     """Estimated peak memory of the pass's largest unit (the model that sized the units)."""
     config = plan.configs[index]
@@ -274,12 +287,17 @@ def run_job(
             f"{p.layer.name} {','.join(mag_name(m) for m in p.passes[index].target_mags)}" for p in active
         )
         if todo:
+            pass_runner, pass_options = runner, pipeline_options
+            if hasattr(runner, "for_pass"):  # our local runner: worker processes and tile threads per pass
+                pass_runner, pass_options, configs = runner.for_pass(len(todo), configs, pipeline_options,
+                                                                     work=units_work(active, todo))
             with Progress(configs, len(units), label, report):
                 result = supervise.run_pass(
                     index, todo, configs,
-                    lambda some, i=index, c=configs: _run_pass(i, some, c, runner, pipeline_options, record_failures),
+                    lambda some, i=index, c=configs: _run_pass(i, some, c, pass_runner, pass_options,
+                                                               record_failures),
                     functools.partial(_not_done, active, configs, index),
-                    runner, pipeline_options, log=log,
+                    pass_runner, pass_options, log=log,
                 )
             _collect_metrics(result, metrics)
         failed = [(config.layer, path) for config in configs for path in markers.failures(config)]

@@ -255,7 +255,7 @@ def test_multiprocessing_identical_to_sequential(base, sequential_16, tmp_path_f
     """Two worker processes, and a small budget so that several units of one pass write
     into the same shard concurrently: still the very same bytes as one sequential run."""
     path = copy_of(base, tmp_path_factory, "mp")
-    result = run_cli(path, "--jobs", "2", "--coarsest-mag", "16", "--memory-budget", "300M")
+    result = run_cli(path, "--jobs", "2", "--coarsest-mag", "16", "--memory-budget", "964M")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     expected = tree_bytes(sequential_16)

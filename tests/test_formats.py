@@ -278,7 +278,8 @@ def wkw_clean(wkw_base, tmp_path_factory):
 def test_wkw_units_sharing_files_in_two_processes(wkw_base, wkw_clean, tmp_path):
     path = tmp_path / "ds"
     shutil.copytree(wkw_base, path)
-    result = run_cli(path, *WKW_ARGS, "--jobs", "2")
+    # 964M: the launcher and two worker processes (300 MiB each) plus two 32 MiB units
+    result = run_cli(path, *WKW_ARGS[:-1], "964M", "--jobs", "2")
     assert result.returncode == 0, result.stderr
     assert "in 6 work units" in result.stdout
     assert tree_bytes(path) == tree_bytes(wkw_clean)

@@ -45,9 +45,9 @@ from resilience_helpers import (
 
 STATE_DIR = ".beam-downsample"
 BIG_VOXEL_SIZE = (32.0, 32.0, 40.0)
-# 32 MB per worker: 80 work units in pass 1 (16 color, 64 segmentation), 3 passes in all.
-BIG_ARGS = ("--memory-budget", "400M", "--distribution-strategy", "multiprocessing", "--jobs", "2")
-BIG_OPTIONS = job.JobOptions(memory_budget=400 << 20, jobs=2)
+# 32 MiB per worker (964M: the launcher and 2 workers at 300 MiB, 2 units): many work units, 3 passes in all.
+BIG_ARGS = ("--memory-budget", "964M", "--distribution-strategy", "multiprocessing", "--jobs", "2")
+BIG_OPTIONS = job.JobOptions(memory_budget=964 << 20, jobs=2)
 SEQUENTIAL = ("--distribution-strategy", "sequential")
 
 

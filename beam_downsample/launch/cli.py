@@ -21,9 +21,9 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, locks, reduce, storage
+from beam_downsample import job, locks, machine, reduce, sizing, storage
 from beam_downsample.launch import runners
-from beam_downsample.machine import available_cores, limit_malloc_arenas
+from beam_downsample.machine import limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
 from beam_downsample.planning import SAMPLING_MODES, PlanningError, region_in_mag
 from beam_downsample.properties import DatasetError, load_dataset
@@ -41,8 +41,12 @@ flags.DEFINE_string(
     "max(2**ceil(log2(max(width, height) / 100)), 4).", flag_values=FLAGS)
 flags.DEFINE_integer(
     "jobs", None,
-    "Parallel workers (default: number of CPU cores): worker processes (multiprocessing, dask), SLURM jobs (slurm), "
-    "worker pods (kubernetes), parallelism (flink), max workers (dataflow).", flag_values=FLAGS)
+    "Parallel workers: worker processes (multiprocessing, dask), SLURM jobs (slurm), "
+    "worker pods (kubernetes), parallelism (flink), max workers (dataflow). Default for multiprocessing: none on "
+    "machines with at most 2 cores (the units run in this process), else one worker process per 10 CPU-s of "
+    "estimated work, at most the CPU cores and what the memory budget holds, at most a "
+    "pass's units (fewer than two: the units run in this process); by default otherwise the number of CPU cores.",
+    flag_values=FLAGS)
 flags.DEFINE_string(
     "distribution-strategy", "multiprocessing",
     "multiprocessing (Beam FnApiRunner, --jobs worker processes), sequential (one process), "
@@ -62,8 +66,11 @@ flags.DEFINE_enum(
     "interpolation", None, reduce.INTERPOLATIONS,
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
 flags.DEFINE_string(
-    "memory-budget", "2G",
-    "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units.", flag_values=FLAGS)
+    "memory-budget", None,
+    "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
+    "By default 2G, or what the worker processes need (300 MiB each plus a 1 GiB unit) if more, at most half the "
+    "machine's memory.",
+    flag_values=FLAGS)
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
@@ -132,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = target_candidates[0]
         strategy = _flag_value("distribution-strategy")
         jobs = _flag_value("jobs")
-        memory_budget = _parse_size(_flag_value("memory-budget"))
+        given_budget = None if _flag_value("memory-budget") is None else _parse_size(_flag_value("memory-budget"))
         engine = runners.plan_engine(
-            strategy, jobs, beam_flags, _flag_value("job-resources"), target, memory_budget,
+            strategy, jobs, beam_flags, _flag_value("job-resources"), target, given_budget or sizing.FLOOR_BUDGET,
             _flag_value("dask-scheduler"),
         )
         coarsest = None
@@ -143,22 +150,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 coarsest = parse_mag(_flag_value("coarsest-mag"))
             except MagError as error:
                 raise runners.UsageError(f"--coarsest-mag: {error}") from None
+        dataset = load_dataset(target)
+        local = engine.worker_memory is None  # this machine's budget is shared by the launcher and its workers
+        sized = _sizing(dataset, strategy, jobs, given_budget) if local else None
+        if sized is not None:
+            engine = runners.sized(engine, sized)
         options = job.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
             interpolation=_flag_value("interpolation"),
-            memory_budget=memory_budget,
-            jobs=1 if strategy == "sequential" else (jobs or available_cores()),
+            memory_budget=sized.budget if sized else (given_budget or sizing.FLOOR_BUDGET),
+            jobs=sized.processes if sized else (jobs or machine.available_cores()),
             worker_memory=engine.worker_memory,
             worker_cores=engine.worker_cores,
         )
-        dataset = load_dataset(target)
         plans = job.plan_job(dataset, options)
-    except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError) as error:
+    except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
+            machine.MachineError) as error:
         return _fail(str(error))
     print(job.describe(plans))
     if _flag_value("dry-run"):
+        if sized is not None:
+            print(sized.describe(job.pass_sizes(plans)))
         print(engine.describe())
         return 0
     if not any(p.target_mags for p in plans):
@@ -194,6 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
     print(f"done: {summary}" if summary else "done")
     return 0
+
+
+def _sizing(dataset, strategy: str, jobs, budget) -> sizing.Sizing:
+    """Processes, budget and units for this machine (BEAM_DOWNSAMPLE_MACHINE plans for another)."""
+    layer_name = _flag_value("layer-name")
+    layers = [layer for layer in dataset.layers if layer_name is None or layer.name == layer_name]
+    work = sizing.work_seconds(
+        (layer.bbox.voxels // max(math.prod(layer.source_mag), 1), layer.dtype.itemsize * layer.num_channels)
+        for layer in layers
+    )
+    here = sizing.Machine(machine.available_cores(), machine.total_memory())
+    return sizing.choose(here, strategy, jobs, budget, work)
 
 
 def _warn(message: str) -> None:

@@ -16,7 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_downsample.launch import clusters
 from beam_downsample.launch.errors import UsageError
-from beam_downsample.machine import available_cores
+from beam_downsample import sizing
+from beam_downsample.machine import available_cores, total_memory
 
 STRATEGIES = ("multiprocessing", "sequential", "dask", "slurm", "kubernetes", "flink", "dataflow")
 LOCAL = ("multiprocessing", "sequential")
@@ -83,23 +84,66 @@ def split_beam_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _local_runner(strategy: str, jobs: int, beam_flags: Sequence[str]) -> tuple[object, dict]:
-    """(runner, option overrides) of multiprocessing/sequential, or the runner named by --runner."""
+    """(runner, option overrides) of multiprocessing/sequential, or the runner named by --runner.
+
+    Ours is a LocalPasses: per pass, Beam's FnApiRunner in the launcher or with
+    worker processes, as the sizing decides (see `sizing`).
+    """
     user_runner = PipelineOptions(list(beam_flags)).get_all_options().get("runner")
     if user_runner:
         return user_runner, {}
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=import-outside-toplevel
+    processes = 0 if strategy == "sequential" else jobs
+    budget = sizing.budget_needed(processes)
+    return LocalPasses(sizing.Sizing(sizing.Machine(available_cores(), total_memory()), budget, processes),
+                       beam_flags), {}
 
-    if strategy == "sequential":
-        return FnApiRunner(), {"direct_num_workers": 1}
-    # Our own worker command (quiet logs) instead of direct_running_mode=multi_processing,
-    # which would replace it with Beam's default one.
-    from apache_beam.transforms import environments  # pylint: disable=import-outside-toplevel
 
-    logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
-    worker = environments.SubprocessSDKEnvironment.from_command_string(
-        f"exec {sys.executable} -m beam_downsample.launch.worker"  # exec: no shell between us and the worker
-    )
-    return FnApiRunner(default_environment=worker), {"direct_num_workers": jobs}
+class LocalPasses:
+    """The multiprocessing and sequential strategies: each pass runs on Beam's FnApiRunner,
+    with `Sizing.for_pass` worker processes (our worker command, quiet logs), or in the
+    launcher where fewer than two would have work; tile threads follow the process count."""
+
+    def __init__(self, sized: sizing.Sizing, beam_flags: Sequence[str]):
+        self.sizing = sized
+        self.flags = list(beam_flags)
+
+    def for_pass(self, units: int, configs: Sequence, pipeline_options=None,
+                 work: Optional[float] = None) -> tuple[object, PipelineOptions, list]:
+        """(Beam runner, pipeline options, configs with this pass's tile threads) of a pass of
+        `units` units and `work` estimated CPU-s."""
+        del pipeline_options  # ours are built from the flags, with this pass's worker count
+        # pylint: disable-next=import-outside-toplevel
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        processes, threads = self.sizing.for_pass(units, work)
+        configs = [dataclasses.replace(config, threads=threads) for config in configs]
+        if not processes:
+            return FnApiRunner(), PipelineOptions(self.flags, direct_num_workers=1), configs
+        # Our own worker command (quiet logs) instead of direct_running_mode=multi_processing,
+        # which would replace it with Beam's default one.
+        from apache_beam.transforms import environments  # pylint: disable=import-outside-toplevel
+
+        logging.getLogger("apache_beam.runners.portability.fn_api_runner.fn_runner").setLevel(logging.ERROR)
+        worker = environments.SubprocessSDKEnvironment.from_command_string(
+            f"exec {sys.executable} -m beam_downsample.launch.worker"  # exec: no shell between us and the worker
+        )
+        return FnApiRunner(default_environment=worker), PipelineOptions(self.flags, direct_num_workers=processes), configs
+
+    def describe(self) -> str:
+        most = self.sizing.processes
+        if most >= 2:
+            return f"Beam FnApiRunner, up to {most} worker processes (per pass: see above)"
+        return f"Beam FnApiRunner in this process, {self.sizing.threads} tile threads"
+
+
+def sized(engine: "Engine", sized_as: sizing.Sizing) -> "Engine":
+    """The engine with the run's sizing: our local runner's processes, a LocalCluster's workers."""
+    if isinstance(engine.runner, LocalPasses):
+        runner = LocalPasses(sized_as, engine.flags)
+        return dataclasses.replace(engine, runner=runner, summary=f"engine: {runner.describe()}")
+    if isinstance(engine.cluster, clusters.LocalDask):
+        engine.cluster.workers = max(sized_as.processes, 1)
+    return engine
 
 
 @dataclasses.dataclass
@@ -183,7 +227,7 @@ def plan_engine(
     if strategy in LOCAL:
         workers = 1 if strategy == "sequential" else (jobs or available_cores())
         runner, overrides = _local_runner(strategy, workers, flags)
-        name = runner if isinstance(runner, str) else f"Beam FnApiRunner, {workers} worker process(es)"
+        name = runner if isinstance(runner, str) else runner.describe()
         return Engine(strategy, runner, flags, overrides, record_failures=not isinstance(runner, str),
                       summary=f"engine: {name}")
     if given.get("runner"):
