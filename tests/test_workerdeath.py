@@ -27,7 +27,7 @@ from test_resilience import copy_dataset, write_real_dataset
 
 STATE_DIR = ".beam-downsample"
 # 32 MB units: 20 in pass 1 (4 color, 16 segmentation), a few seconds each on 2 workers.
-ARGS = ("--memory-budget", "400M", "--jobs", "2")
+ARGS = ("--memory-budget", "964M", "--jobs", "2")  # the least that holds 2 workers (sizing)
 NOTICE_SECONDS = 10.0
 
 
