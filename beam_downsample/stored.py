@@ -92,15 +92,18 @@ def _wkw_boxes(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def box_not_stored(array, box: Box) -> bool:
     """True if nothing of `box` is stored (it reads as the fill value), without
-    reading data: tensorstore looks at the keys or shard indices only. Always
-    False for wkw (no such query) and for a fill value other than 0."""
+    reading data: tensorstore looks at the keys or shard indices only, for wkw
+    we look for the files. Always False for a fill value other than 0."""
     if isinstance(array, wkw_io.WkwMag):
-        return False
+        return not box.empty and not array.stored_files(box)
     if array.fill_value is not None and np.any(np.asarray(array.fill_value) != 0):
         return False
     inside = box.intersect(io.array_domain(array))
     if inside.empty:
         return True
-    statistics = array[io.region_index(inside)].storage_statistics(query_not_stored=True).result()
+    try:
+        statistics = array[io.region_index(inside)].storage_statistics(query_not_stored=True).result()
+    except ValueError:  # e.g. a corrupt shard index: the read that follows reports it, naming the file
+        return False
     return bool(statistics.not_stored)
 

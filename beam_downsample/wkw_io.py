@@ -55,6 +55,14 @@ class WkwMag:
         self.dtype = np.dtype(self._dataset.header.voxel_type)
         self.channels = self._dataset.header.num_channels
         self.file_voxels = self._dataset.header.block_len * self._dataset.header.file_len  # a file's cube edge
+        self.path = path
+
+    def stored_files(self, box: Box) -> bool:
+        """True if any data file of this mag overlaps `box` (files that do not exist read as 0)."""
+        side = self.file_voxels
+        ranges = [range(a // side, -(-b // side)) for a, b in zip(box.start, box.stop)]
+        return any(os.path.exists(os.path.join(self.path, f"z{z}", f"y{y}", f"x{x}.wkw"))
+                   for x in ranges[0] for y in ranges[1] for z in ranges[2])
 
     def read(self, box: Box) -> np.ndarray:
         """(c, x, y, z) in Fortran order; voxels of files that do not exist read as 0."""
