@@ -340,3 +340,30 @@ def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path):
     digest = {k: v for k, v in tree_digest(path).items()}
     clean = {k: v for k, v in tree_digest(sparse_done).items()}
     assert digest == clean
+
+
+# ---------------------------------------------------------------------------
+# DaskRunner: Create is a bag, Reshuffle a no-op; the seeds alone must spread the units
+
+
+def test_dask_spreads_expanded_units_over_both_workers(segmentation, tmp_path):
+    from beam_downsample import progress  # pylint: disable=import-outside-toplevel
+    from beam_downsample.launch import runners  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "ds"
+    demo.write_dataset(str(path), [{"name": "segmentation", "category": "segmentation",
+                                    "data": np.ascontiguousarray(segmentation[:256, :256, :128])}], VOXEL_SIZE)
+    engine = runners.plan_engine("dask", 2, [], None, str(path), 256 << 20, None)
+    dataset = load_dataset(str(path))
+    plans = job.plan_job(dataset, job.JobOptions(jobs=2, memory_budget=256 << 20, worker_memory=engine.worker_memory))
+    (plan,) = plans
+    assert len(plan.planned[0]) >= 8, job.describe(plans)
+    job.create_targets(dataset, plans)
+    config, grid = plan.configs[0], plan.grids[0]
+    with engine.started() as (runner, options):
+        pass_seeds = seeds.make_seeds(grid, plan.planned[0], config.marker_dir)
+        job._run_pass(0, pass_seeds, [grid], [config], runner, options, True).wait_until_finish()  # pylint: disable=protected-access
+    assert len(markers.not_done(config, grid, plan.planned[0])) == 0
+    tallies = progress.read_tallies(config.marker_dir)
+    assert sum(count for count, _, _ in tallies) == len(plan.planned[0])
+    assert len({pid for _, pid, _ in tallies}) == 2, tallies  # both worker processes ran units
