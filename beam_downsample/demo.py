@@ -130,6 +130,58 @@ def write_dataset(
     shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
 
 
+def write_sparse_dataset(
+    path: str,
+    size: Sequence[int],
+    layers: Sequence[dict],
+    voxel_size: Sequence[float],
+    data_format: str = "zarr3",
+) -> None:
+    """A dataset whose layers have the bounding box `size` (from the origin) but hold
+    data only in a few blocks: each layer dict has `name`, `category`, `dtype` and
+    `blocks`, a list of (offset, data (x, y, z)) in mag-1 voxels. Only the blocks'
+    chunks, shards or wkw files are stored; costs grow with the blocks, not the box."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from beam_downsample.planning import UnitGrid  # pylint: disable=import-outside-toplevel
+    from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(path, exist_ok=True)
+    raw_layers = []
+    for spec in layers:
+        dtype = np.dtype(spec["dtype"])
+        largest = max((int(d.max()) for _, d in spec["blocks"]), default=0)
+        raw_layers.append(layer_properties(spec["name"], spec["category"], element_class_for(dtype, 1), (0, 0, 0),
+                                           list(size), [(1, 1, 1)], 1, largest, data_format))
+    raw = {"id": {"name": os.path.basename(os.path.abspath(path)), "team": ""},
+           "scale": {"factor": [float(v) for v in voxel_size], "unit": "nanometer"},
+           "dataLayers": raw_layers, "version": 1}
+    if data_format == "zarr3":
+        write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
+    elif data_format == "zarr":
+        write_json_atomically(os.path.join(path, ".zgroup"), {"zarr_format": "2"})
+    save_properties(path, raw)
+    dataset = load_dataset(path)
+    for spec, layer in zip(layers, dataset.layers):
+        mag = (1, 1, 1)
+        create = io.new_mag_spec(layer, path, mag)
+        files = None
+        if data_format == "wkw":
+            side = 1024
+            grid = UnitGrid("", 0, layer.bbox, (side, side, side))
+            starts = np.array([o for o, _ in spec["blocks"]], dtype=np.int64).reshape(-1, 3)
+            stops = starts + np.array([d.shape for _, d in spec["blocks"]], dtype=np.int64).reshape(-1, 3)
+            files = grid.boxes(grid.overlapping(starts, stops))[0] // side
+        io.create_mag(create, resume=False, files=files)
+        array = io.open_array(io.target_spec(layer, path, mag), open=True)
+        for offset, data in spec["blocks"]:
+            box = Box(tuple(offset), tuple(a + s for a, s in zip(offset, data.shape)))  # type: ignore[arg-type]
+            io.write_region(array, box, np.asfortranarray(data[None])).result()
+        io.finish_mags([create])
+        io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
+    shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
+
+
 def make_demo(path: str, depth: int = 256) -> None:
     segmentation = load_segmentation()[:, :, :depth]
     write_dataset(

@@ -174,11 +174,12 @@ def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     }
 
 
-def create_mag(spec: dict, resume: bool) -> bool:
+def create_mag(spec: dict, resume: bool, files=None) -> bool:
     """Creates a new mag array; with `resume`, keeps one of the same layout that an
-    interrupted run left (returns True), so its finished units need not rerun."""
+    interrupted run left (returns True), so its finished units need not rerun.
+    `files` (wkw): (N, 3) indices of the only files the plan writes (default: the region's)."""
     if spec["driver"] == "wkw":
-        return _create_wkw_mag(spec, resume)
+        return _create_wkw_mag(spec, resume, files)
     if resume:
         try:
             open_array(spec, open=True, create=True)
@@ -190,7 +191,7 @@ def create_mag(spec: dict, resume: bool) -> bool:
     return False
 
 
-def _create_wkw_mag(spec: dict, resume: bool) -> bool:
+def _create_wkw_mag(spec: dict, resume: bool, files=None) -> bool:
     """Final mag (header only) plus a staging copy with every file the region needs.
 
     Kept on resume if the header matches: then either no file was compressed
@@ -213,7 +214,7 @@ def _create_wkw_mag(spec: dict, resume: bool) -> bool:
         if os.path.isdir(path):
             shutil.rmtree(path)
     wkw_io.create(spec["path"], dtype, spec["channels"], spec["staging"])
-    wkw_io.create_staging_files(spec["staging"], Box(*(tuple(v) for v in spec["region"])))
+    wkw_io.create_staging_files(spec["staging"], Box(*(tuple(v) for v in spec["region"])), files)
     return False
 
 

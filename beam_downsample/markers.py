@@ -7,10 +7,13 @@ listing of the pass's directory, never one request per unit.
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+import re
+
+import numpy as np
 
 from beam_downsample import storage
-from beam_downsample.planning import WorkUnit
+from beam_downsample.planning import UnitGrid, WorkUnit
 from beam_downsample.work import PassConfig
 
 DONE = ".done"
@@ -54,7 +57,27 @@ def done_names(config: PassConfig) -> set[str]:
     return {name for name in storage.list_names(config.marker_dir) if name.endswith(DONE)}
 
 
-def not_done(config: PassConfig, units: Iterable[WorkUnit]) -> list[WorkUnit]:
-    """The units without a marker, from one listing."""
-    done = done_names(config)
-    return [unit for unit in units if marker_name(unit) not in done]
+_MARKER = re.compile(r"^(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)" + re.escape(DONE) + "$", re.M)
+
+
+def done_indices(config: PassConfig, grid: UnitGrid) -> np.ndarray:
+    """Sorted indices of the grid's units that have a marker, from one listing.
+
+    Names are parsed all at once (one regular expression, numpy); a marker
+    whose box is not exactly a unit of this grid (another plan's) is ignored.
+    """
+    found = _MARKER.findall("\n".join(done_names(config)))
+    if not found:
+        return np.zeros(0, dtype=np.int64)
+    bounds = np.array(found, dtype=np.int64).reshape(-1, 3, 2)
+    starts, stops = bounds[:, :, 0], bounds[:, :, 1]
+    indices = grid.index_of_starts(starts)
+    valid = indices >= 0
+    unit_starts, unit_stops = grid.boxes(np.where(valid, indices, 0))
+    valid &= np.all(unit_starts == starts, axis=1) & np.all(unit_stops == stops, axis=1)
+    return np.unique(indices[valid])
+
+
+def not_done(config: PassConfig, grid: UnitGrid, indices: np.ndarray) -> np.ndarray:
+    """The planned unit indices without a marker: one listing, one set difference."""
+    return np.setdiff1d(np.asarray(indices, dtype=np.int64), done_indices(config, grid), assume_unique=True)

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from beam_downsample.mags import Mag, factor_between, mag_name
 
 SAMPLING_MODES = ("anisotropic", "isotropic", "constant_z")
@@ -204,7 +206,8 @@ CHUNK = 32
 SHARD = 1024
 # A plan holds every unit in memory (~0.4 KB each, measured) and Beam creates them all:
 # 10^7 units hold ~10^15 voxels at the default budget's unit size; more needs a larger budget.
-MAX_UNITS_PER_PASS = 10**7
+MAX_UNITS_PER_PASS = 10**7  # units listed one by one (a dense plan): an absurd box must not exhaust memory
+MAX_GRID_UNITS = 10**12  # the grid is arithmetic, but its indices must stay far inside int64 math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +295,121 @@ def unit_shape(
     return tuple(shape)  # type: ignore[return-value]
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitGrid:
+    """The work units of one pass of one layer as arithmetic, never as a list.
+
+    Units are the cells of a grid of `shape` (source-mag voxels, from the
+    origin) that overlap `region` (the source region the pass needs), each
+    clipped to the region. Cells are numbered from the region's first cell,
+    z fastest, so an index is a few bytes and a run of indices is a seed.
+    A 10^15-voxel layer's grid is a handful of integers.
+    """
+
+    layer: str
+    pass_index: int
+    region: Box
+    shape: tuple[int, int, int]
+
+    @property
+    def first(self) -> tuple[int, int, int]:
+        return tuple(a // s for a, s in zip(self.region.start, self.shape))  # type: ignore[return-value]
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        return tuple(-(-b // s) - f for b, s, f in zip(self.region.stop, self.shape, self.first))  # type: ignore
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.counts) if not self.region.empty else 0
+
+    def unit(self, index: int) -> WorkUnit:
+        _, cy, cz = self.counts
+        ix, rest = divmod(int(index), cy * cz)
+        iy, iz = divmod(rest, cz)
+        start = tuple((f + i) * s for f, i, s in zip(self.first, (ix, iy, iz), self.shape))
+        stop = tuple(a + s for a, s in zip(start, self.shape))
+        return WorkUnit(self.layer, self.pass_index, Box(start, stop).intersect(self.region))  # type: ignore[arg-type]
+
+    def units(self, indices: Iterable[int]) -> list[WorkUnit]:
+        return [self.unit(i) for i in indices]
+
+    def all_indices(self) -> np.ndarray:
+        """Every unit (a dense plan): refused past MAX_UNITS_PER_PASS before any is listed."""
+        if self.count > MAX_UNITS_PER_PASS:
+            raise PlanningError(
+                f"layer {self.layer!r}: pass {self.pass_index + 1} would need {self.count} work units "
+                f"(at most {MAX_UNITS_PER_PASS} in a dense plan); is the boundingBox right? Otherwise raise "
+                "--memory-budget for larger units"
+            )
+        return np.arange(self.count, dtype=np.int64)
+
+    def index_of_starts(self, starts: np.ndarray) -> np.ndarray:
+        """Index of the unit holding each voxel of `starts` (N, 3); -1 outside the grid."""
+        cell = np.floor_divide(np.asarray(starts, dtype=np.int64), np.array(self.shape)) - np.array(self.first)
+        counts = np.array(self.counts)
+        inside = np.all((cell >= 0) & (cell < counts), axis=1)
+        flat = (cell[:, 0] * counts[1] + cell[:, 1]) * counts[2] + cell[:, 2]
+        return np.where(inside, flat, -1)
+
+    def overlapping(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Sorted unique indices of the units that overlap any of the boxes
+        `[starts, stops)` (each (N, 3), source-mag voxels). Vectorised: memory
+        grows with the boxes and the units they touch, not with the grid."""
+        starts = np.maximum(np.asarray(starts, dtype=np.int64).reshape(-1, 3), np.array(self.region.start))
+        stops = np.minimum(np.asarray(stops, dtype=np.int64).reshape(-1, 3), np.array(self.region.stop))
+        keep = np.all(stops > starts, axis=1)
+        starts, stops = starts[keep], stops[keep]
+        shape, first, counts = np.array(self.shape), np.array(self.first), np.array(self.counts)
+        low = starts // shape - first
+        high = -(-stops // shape) - first
+        extent = high - low
+        sizes = np.prod(extent, axis=1)
+        total = int(sizes.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        offset = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        ext = extent[owner]
+        dz = offset % ext[:, 2]
+        dy = (offset // ext[:, 2]) % ext[:, 1]
+        dx = offset // (ext[:, 2] * ext[:, 1])
+        cells = low[owner] + np.stack([dx, dy, dz], axis=1)
+        flat = (cells[:, 0] * counts[1] + cells[:, 1]) * counts[2] + cells[:, 2]
+        return np.unique(flat)
+
+    def boxes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, stops) of the units `indices`, clipped to the region, vectorised."""
+        indices = np.asarray(indices, dtype=np.int64)
+        _, cy, cz = self.counts
+        cells = np.stack([indices // (cy * cz), (indices // cz) % cy, indices % cz], axis=1)
+        starts = (cells + np.array(self.first)) * np.array(self.shape)
+        stops = starts + np.array(self.shape)
+        return (np.maximum(starts, np.array(self.region.start)), np.minimum(stops, np.array(self.region.stop)))
+
+
+def plan_grid(
+    layer: str,
+    pass_index: int,
+    a_pass: Pass,
+    bbox_mag1: Box,
+    bytes_per_voxel: int,
+    budget: UnitBudget,
+) -> UnitGrid:
+    """The pass's source region (its coarsest mag's region, in source voxels) and unit shape."""
+    coarsest_region = region_in_mag(bbox_mag1, a_pass.coarsest)
+    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
+    needed = coarsest_region.scaled_up(factor)  # in source-mag voxels
+    shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
+    grid = UnitGrid(layer, pass_index, needed, shape)
+    if grid.count > MAX_GRID_UNITS:
+        raise PlanningError(
+            f"layer {layer!r}: pass {pass_index + 1} would need {grid.count} work units (at most {MAX_GRID_UNITS}); "
+            "is the boundingBox right? Otherwise raise --memory-budget for larger units"
+        )
+    return grid
+
+
 def plan_units(
     layer: str,
     pass_index: int,
@@ -300,26 +418,26 @@ def plan_units(
     bytes_per_voxel: int,
     budget: UnitBudget,
 ) -> list[WorkUnit]:
-    """Tiles the source region the pass needs into aligned, disjoint units."""
-    coarsest_region = region_in_mag(bbox_mag1, a_pass.coarsest)
-    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
-    needed = coarsest_region.scaled_up(factor)  # in source-mag voxels
-    shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
-    first_index = [a // s for a, s in zip(needed.start, shape)]
-    last_index = [-(-b // s) for b, s in zip(needed.stop, shape)]
-    count = math.prod(b - a for a, b in zip(first_index, last_index))
-    if count > MAX_UNITS_PER_PASS:  # counted before a single unit is built: an absurd box must not exhaust memory
-        raise PlanningError(
-            f"layer {layer!r}: pass {pass_index + 1} would need {count} work units (at most {MAX_UNITS_PER_PASS}); "
-            "is the boundingBox right? Otherwise raise --memory-budget for larger units"
-        )
-    units = []
-    for ix in range(first_index[0], last_index[0]):
-        for iy in range(first_index[1], last_index[1]):
-            for iz in range(first_index[2], last_index[2]):
-                start = (ix * shape[0], iy * shape[1], iz * shape[2])
-                stop = tuple(a + s for a, s in zip(start, shape))
-                box = Box(start, stop).intersect(needed)  # type: ignore[arg-type]
-                if not box.empty:
-                    units.append(WorkUnit(layer, pass_index, box))
-    return units
+    """Every unit of the pass (a dense plan), in index order; for small layers and tests."""
+    grid = plan_grid(layer, pass_index, a_pass, bbox_mag1, bytes_per_voxel, budget)
+    return [grid.unit(i) for i in range(grid.count)]
+
+
+def seed_runs(indices: np.ndarray, pieces: int) -> np.ndarray:
+    """(R, 2) half-open runs `[start, stop)` of consecutive unit indices, long runs
+    split so that there are about `pieces` runs or more: compact seeds that still
+    spread over the workers (DaskRunner runs one seed's units in one task)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    run_starts = indices[np.concatenate([[0], breaks])]
+    run_stops = indices[np.concatenate([breaks - 1, [indices.size - 1]])] + 1
+    longest = max(-(-indices.size // max(pieces, 1)), 1)
+    lengths = run_stops - run_starts
+    parts = -(-lengths // longest)
+    owner = np.repeat(np.arange(len(parts)), parts)
+    within = np.arange(int(parts.sum())) - np.repeat(np.cumsum(parts) - parts, parts)
+    starts = run_starts[owner] + within * longest
+    stops = np.minimum(starts + longest, run_stops[owner])
+    return np.stack([starts, stops], axis=1)

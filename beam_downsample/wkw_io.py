@@ -54,6 +54,15 @@ class WkwMag:
             raise ValueError(f"{path}: {error}") from None
         self.dtype = np.dtype(self._dataset.header.voxel_type)
         self.channels = self._dataset.header.num_channels
+        self.file_voxels = self._dataset.header.block_len * self._dataset.header.file_len  # a file's cube edge
+        self.path = path
+
+    def stored_files(self, box: Box) -> bool:
+        """True if any data file of this mag overlaps `box` (files that do not exist read as 0)."""
+        side = self.file_voxels
+        ranges = [range(a // side, -(-b // side)) for a, b in zip(box.start, box.stop)]
+        return any(os.path.exists(os.path.join(self.path, f"z{z}", f"y{y}", f"x{x}.wkw"))
+                   for x in ranges[0] for y in ranges[1] for z in ranges[2])
 
     def read(self, box: Box) -> np.ndarray:
         """(c, x, y, z) in Fortran order; voxels of files that do not exist read as 0."""
@@ -86,26 +95,28 @@ def create_staging(staging: str, dtype: np.dtype, channels: int) -> None:
     wkw.Dataset.create(staging, header(dtype, channels, wkw.Header.BLOCK_TYPE_RAW)).close()
 
 
-def create_staging_files(staging: str, region: Box) -> None:
-    """Creates every staging file that `region` touches (one zero block each), before
-    any worker runs: concurrent units then only write blocks into existing files
-    and never race to create one. Only for a fresh staging copy (see io)."""
+def create_staging_files(staging: str, region: Box, files=None) -> None:
+    """Creates every staging file that `region` touches, or only `files` ((N, 3) file
+    indices x, y, z), one zero block each, before any worker runs: concurrent units
+    then only write blocks into existing files and never race to create one. Only
+    for a fresh staging copy (see io)."""
     dataset = wkw.Dataset.open(staging)
     try:
         file_voxels = BLOCK_LEN * FILE_LEN
-        first = [a // file_voxels for a in region.start]
-        last = [-(-b // file_voxels) for b in region.stop]
-        for fz in range(first[2], last[2]):
-            for fy in range(first[1], last[1]):
-                for fx in range(first[0], last[0]):
-                    if os.path.exists(os.path.join(staging, f"z{fz}", f"y{fy}", f"x{fx}.wkw")):
-                        continue
-                    file_box = Box((fx * file_voxels, fy * file_voxels, fz * file_voxels),
-                                   ((fx + 1) * file_voxels, (fy + 1) * file_voxels, (fz + 1) * file_voxels))
-                    corner = [a // BLOCK_LEN * BLOCK_LEN for a in file_box.intersect(region).start]
-                    zeros = np.zeros((dataset.header.num_channels, BLOCK_LEN, BLOCK_LEN, BLOCK_LEN),
-                                     dtype=dataset.header.voxel_type, order="F")
-                    dataset.write(corner, zeros)
+        if files is None:
+            first = [a // file_voxels for a in region.start]
+            last = [-(-b // file_voxels) for b in region.stop]
+            files = [(fx, fy, fz) for fz in range(first[2], last[2]) for fy in range(first[1], last[1])
+                     for fx in range(first[0], last[0])]
+        zeros = np.zeros((dataset.header.num_channels, BLOCK_LEN, BLOCK_LEN, BLOCK_LEN),
+                         dtype=dataset.header.voxel_type, order="F")
+        for fx, fy, fz in (tuple(int(v) for v in f) for f in files):
+            if os.path.exists(os.path.join(staging, f"z{fz}", f"y{fy}", f"x{fx}.wkw")):
+                continue
+            file_box = Box((fx * file_voxels, fy * file_voxels, fz * file_voxels),
+                           ((fx + 1) * file_voxels, (fy + 1) * file_voxels, (fz + 1) * file_voxels))
+            corner = [a // BLOCK_LEN * BLOCK_LEN for a in file_box.intersect(region).start]
+            dataset.write(corner, zeros)
     finally:
         dataset.close()
 

@@ -10,6 +10,7 @@ short message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from beam_downsample import demo, io, job, locks, markers, work
+from beam_downsample import demo, io, job, locks, markers, planning, work
 from beam_downsample.mags import mag_name, parse_mag
 from beam_downsample.properties import load_dataset
 from beam_downsample.storage import TEMP_PREFIX
@@ -504,8 +505,13 @@ def test_launcher_hands_a_pass_only_the_units_without_a_marker(medium_base, tmp_
     plans, items = prepare(medium_base, tmp_path / "ds")
     config, unit = items[0]
     markers.mark_done(config, unit)
-    todo = markers.not_done(config, [u for c, u in items if c is config])
+    plan = next(p for p in plans if p.configs[0] is config)
+    todo = plan.grids[0].units(markers.not_done(config, plan.grids[0], plan.planned[0]))
     assert unit not in todo and len(todo) == sum(1 for c, _ in items if c is config) - 1
+    # a marker of another plan's box (not a unit of this grid) is ignored
+    other = dataclasses.replace(unit, box=planning.Box(unit.box.start, tuple(b - 1 for b in unit.box.stop)))
+    markers.mark_done(config, other)
+    assert len(markers.not_done(config, plan.grids[0], plan.planned[0])) == len(todo)
 
 
 # ---------------------------------------------------------------------------

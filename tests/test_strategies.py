@@ -17,7 +17,7 @@ import apache_beam as beam
 import psutil
 import pytest
 
-from beam_downsample import job
+from beam_downsample import job, seeds
 from beam_downsample.launch import cli, clusters, runners
 from beam_downsample.properties import load_dataset
 from beam_downsample.transforms.downsample import DownsamplePass
@@ -326,7 +326,8 @@ def test_dataflow_dry_run_job_stages_setup_py(tiny_dataset, tmp_path):
     assert options["max_num_workers"] == 3 and not engine.record_failures
     plans = job.plan_job(load_dataset(str(tiny_dataset)), job.JobOptions(worker_memory=engine.worker_memory))
     pipeline = beam.Pipeline(runner=engine.runner, options=engine.options)
-    _ = pipeline | DownsamplePass([u for p in plans for u in p.units[0]], [p.configs[0] for p in plans])
+    pass_seeds = [s for p in plans for s in seeds.make_seeds(p.grids[0], p.planned[0])]
+    _ = pipeline | DownsamplePass(pass_seeds, [p.grids[0] for p in plans], [p.configs[0] for p in plans])
     result = pipeline.run()
     result.wait_until_finish()
     staged = [

@@ -1,4 +1,4 @@
-"""Beam side of a pass: unit keys -> Reshuffle -> DownsampleUnitFn."""
+"""Beam side of a pass: seeds -> ExpandToUnits -> Reshuffle -> DownsampleUnitFn."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import apache_beam as beam
 import tensorstore as ts
 from apache_beam.metrics import Metrics
 
-from beam_downsample import io, markers, work, workerstate
-from beam_downsample.planning import WorkUnit
+from beam_downsample import io, markers, progress, seeds as seeds_module, stored, work, workerstate
+from beam_downsample.planning import UnitGrid, WorkUnit
 
 
 class DownsampleUnitFn(beam.DoFn):
@@ -24,11 +24,18 @@ class DownsampleUnitFn(beam.DoFn):
     multi-process FnApiRunner can hang on a failed bundle, and its
     tracebacks bury the one line that matters (e.g. which chunk is corrupt).
     Other runners get the exception, so they can retry the bundle.
+
+    Units whose source box holds nothing stored (tensorstore answers from
+    the keys or shard indices, without reading) are marked done without
+    running: they would write only the fill value, which is never stored.
+    `skip_empty=False` (a `--bbox` refresh) runs them anyway, so that stale
+    chunks of the target are replaced by the fill value (deleted).
     """
 
-    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False):
+    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False, skip_empty: bool = True):
         self._configs = {(c.layer, c.pass_index): c for c in configs}
         self._record_failures = record_failures
+        self._skip_empty = skip_empty
 
     def setup(self) -> None:
         context = ts.Context(io.context_spec())
@@ -42,12 +49,28 @@ class DownsampleUnitFn(beam.DoFn):
         self._read = Metrics.counter("beam_downsample", "voxels_read")
         self._written = Metrics.counter("beam_downsample", "voxels_written")
         self._failed = Metrics.counter("beam_downsample", "work_units_failed")
+        self._empty = Metrics.counter("beam_downsample", "work_units_empty")
+        first = next(iter(self._configs.values()))
+        self._tally = progress.Tally(first.marker_dir)
+
+    def finish_bundle(self):
+        self._tally.flush()
+
+    def teardown(self):
+        if hasattr(self, "_tally"):
+            self._tally.flush()
 
     def process(self, unit: WorkUnit) -> Iterable[str]:
         config = self._configs[(unit.layer, unit.pass_index)]
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
         workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
         try:
+            if self._skip_empty and stored.box_not_stored(source, unit.box):
+                markers.mark_done(config, unit)
+                self._empty.inc()
+                self._tally.add()
+                yield unit.key
+                return
             stats = work.run_unit(config, unit, source, targets, self._scratch)
         except Exception as error:  # pylint: disable=broad-except
             if not self._record_failures:
@@ -57,25 +80,45 @@ class DownsampleUnitFn(beam.DoFn):
             yield unit.key
             return
         markers.mark_done(config, unit)
+        self._tally.add()
         self._units.inc()
         self._read.inc(stats.voxels_read)
         self._written.inc(stats.voxels_written)
         yield unit.key
 
 
-class DownsamplePass(beam.PTransform):
-    """All work units of one pass (any number of layers), spread over workers."""
+class ExpandToUnits(beam.DoFn):
+    """Seed -> its work units, by the grid's arithmetic, on the worker."""
 
-    def __init__(self, units: Sequence[WorkUnit], configs: Sequence[work.PassConfig], record_failures: bool = False):
+    def __init__(self, grids: Sequence[UnitGrid]):
+        self._grids = {(g.layer, g.pass_index): g for g in grids}
+
+    def setup(self) -> None:
+        self._expander = seeds_module.Expander()
+
+    def process(self, seed: tuple) -> Iterable[WorkUnit]:
+        grid = self._grids[(seed[0], seed[1])]
+        for index in self._expander.indices(seed):
+            yield grid.unit(index)
+
+
+class DownsamplePass(beam.PTransform):
+    """All work units of one pass (any number of layers), made from seeds and spread over workers."""
+
+    def __init__(self, seeds: Sequence[tuple], grids: Sequence[UnitGrid], configs: Sequence[work.PassConfig],
+                 record_failures: bool = False, skip_empty: bool = True):
         super().__init__()
-        self._units = list(units)
+        self._seeds = list(seeds)
+        self._grids = list(grids)
         self._configs = list(configs)
         self._record_failures = record_failures
+        self._skip_empty = skip_empty
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Units" >> beam.Create(self._units, reshuffle=False)
+            | "Seeds" >> beam.Create(self._seeds, reshuffle=False)
+            | "ExpandToUnits" >> beam.ParDo(ExpandToUnits(self._grids))
             | "Spread" >> beam.Reshuffle()
-            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs, self._record_failures))
+            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs, self._record_failures, self._skip_empty))
         )

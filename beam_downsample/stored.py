@@ -1,0 +1,109 @@
+"""What a mag holds, from one listing of its own storage: the boxes of its
+stored chunks (zarr v2, unsharded zarr3), shards (sharded zarr3) or files
+(wkw), so that a pass plans work only where the source holds data.
+
+The listing goes through tensorstore's kvstore of the mag (file or gcs,
+one request per 1,000 keys on GCS) and memory grows with the stored keys,
+never with the bounding box. Keys are parsed with one regular expression
+over all of them and kept as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import numpy as np
+import tensorstore as ts
+
+from beam_downsample import io, wkw_io
+from beam_downsample.planning import Box
+
+
+class Dense(Exception):
+    """The mag cannot be planned sparsely (the message says why); plan every unit."""
+
+
+def _key_pattern(prefix: str, separator: str, rank: int) -> re.Pattern:
+    number = r"(\d+)"
+    return re.compile(re.escape(prefix) + re.escape(separator).join([number] * rank) + "$", re.M)
+
+
+def _chunk_layout(array) -> tuple[tuple[int, ...], str, str]:
+    """(chunk shape of one stored key, key prefix, separator) of a zarr array opened by tensorstore."""
+    metadata = array.spec().to_json()["metadata"]
+    if metadata.get("zarr_format", 2) == 3 or "chunk_grid" in metadata:
+        shape = tuple(metadata["chunk_grid"]["configuration"]["chunk_shape"])
+        encoding = metadata.get("chunk_key_encoding", {"name": "default"})
+        name = encoding.get("name", "default")
+        if name == "default":
+            separator = encoding.get("configuration", {}).get("separator", "/")
+            return shape, "c" + separator, separator
+        separator = encoding.get("configuration", {}).get("separator", ".")
+        return shape, "", separator
+    return tuple(metadata["chunks"]), "", metadata.get("dimension_separator", ".")
+
+
+def _parse(keys: list[str], pattern: re.Pattern, rank: int) -> np.ndarray:
+    """(N, rank) chunk grid positions of the keys that name chunks; others (metadata) are skipped."""
+    found = pattern.findall("\n".join(keys))
+    if not found:
+        return np.zeros((0, rank), dtype=np.int64)
+    return np.array(found, dtype=np.int64).reshape(-1, rank)
+
+
+def stored_boxes(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops), each (N, 3) int64 in the mag's voxels, of the stored chunks/shards/files.
+
+    Raises `Dense` where a listing cannot tell where the data is: a fill
+    value other than 0 (empty space would not read as 0, so units over it
+    must run), or an array whose axes are not (c, x, y, z).
+    """
+    if spec["driver"] == "wkw":
+        return _wkw_boxes(spec["path"])
+    array = io.open_array(spec, open=True)
+    fill = np.asarray(array.fill_value) if array.fill_value is not None else np.zeros(())
+    if np.any(fill != 0):
+        raise Dense(f"its fill value is {fill.tolist()}, not 0")
+    if array.rank != 4:
+        raise Dense(f"its array has rank {array.rank}, not (c, x, y, z)")
+    shape, prefix, separator = _chunk_layout(array)
+    keys = [key.decode("utf-8", "replace") for key in ts.KvStore.open(spec["kvstore"]).result().list().result()]
+    grid = _parse(keys, _key_pattern(prefix, separator, 4), 4)
+    size = np.array(shape[1:], dtype=np.int64)
+    starts = grid[:, 1:] * size
+    return starts, starts + size
+
+
+def _wkw_boxes(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """wkw data files are `z<z>/y<y>/x<x>.wkw`, each a cube of block_len * file_len voxels."""
+    mag = wkw_io.WkwMag(path)
+    side = mag.file_voxels
+    names = []
+    for directory, _, files in os.walk(path):
+        relative = os.path.relpath(directory, path)
+        names.extend(f"{relative}/{name}" for name in files)
+    found = re.findall(r"^z(\d+)/y(\d+)/x(\d+)\.wkw$", "\n".join(names), re.M)
+    zyx = np.array(found, dtype=np.int64).reshape(-1, 3)
+    starts = zyx[:, ::-1] * side
+    return starts, starts + side
+
+
+def box_not_stored(array, box: Box) -> bool:
+    """True if nothing of `box` is stored (it reads as the fill value), without
+    reading data: tensorstore looks at the keys or shard indices only, for wkw
+    we look for the files. Always False for a fill value other than 0."""
+    if isinstance(array, wkw_io.WkwMag):
+        return not box.empty and not array.stored_files(box)
+    if array.fill_value is not None and np.any(np.asarray(array.fill_value) != 0):
+        return False
+    inside = box.intersect(io.array_domain(array))
+    if inside.empty:
+        return True
+    try:
+        statistics = array[io.region_index(inside)].storage_statistics(query_not_stored=True).result()
+    except ValueError:  # e.g. a corrupt shard index: the read that follows reports it, naming the file
+        return False
+    return bool(statistics.not_stored)
+
