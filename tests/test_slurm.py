@@ -30,8 +30,8 @@ import slurm_cluster as slurm_setup
 
 pytest.importorskip("dask_jobqueue")
 
-# 100 MB units: 14 in pass 1 on two single-core jobs of 400M each.
-RESOURCES = '{"mem": "400M", "cpus": 1, "time": "00:20:00", "partition": "%s"}' % slurm_setup.PARTITION
+# Two single-core jobs of 1G each (a worker process with numba, tensorstore and dask is ~330 MB).
+RESOURCES = '{"mem": "1G", "cpus": 1, "time": "00:20:00", "partition": "%s"}' % slurm_setup.PARTITION
 ARGS = ("--distribution-strategy", "slurm", "--jobs", "2", "--job-resources", RESOURCES)
 
 
@@ -80,7 +80,7 @@ def test_slurm_output_identical_to_sequential_and_job_resources_reach_the_jobs(s
         assert "JobName=beam-downsample" in text
         assert f"Partition={slurm_setup.PARTITION}" in text
         assert "TimeLimit=00:20:00" in text
-        assert "MinMemoryNode=400M" in text
+        assert "MinMemoryNode=1G" in text
         assert "NumCPUs=1" in text
     assert glob.glob(str(tmp_path / "slurm-*.out"))  # sbatch ran in the launcher's directory
 

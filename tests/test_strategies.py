@@ -96,7 +96,8 @@ def test_slurm_job_script_from_dask_jobqueue_holds_the_resources():
     with SLURMCluster(**engine.cluster.settings, scheduler_options={"port": 0, "dashboard_address": None}) as real:
         script = real.job_script()
     for line in ["#SBATCH -p big", "#SBATCH -A lab", "#SBATCH --cpus-per-task=3", "#SBATCH --mem=6G",
-                 "#SBATCH -t 02:00:00", "#SBATCH --qos=high", "#SBATCH --exclusive"]:
+                 "#SBATCH -t 02:00:00", "#SBATCH --qos=high", "#SBATCH --exclusive",
+                 "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False"]:
         assert line in script.splitlines(), (line, script)
     assert "--nthreads 1" in script and "--memory-limit 6.00GiB" in script
     # --dry-run prints the same script, built without starting a scheduler

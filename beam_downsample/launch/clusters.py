@@ -30,6 +30,10 @@ STRATEGY_EXTRA = {"dask": "dask", "slurm": "slurm", "kubernetes": "kubernetes", 
 SLURM_NAMED = {"mem": "memory", "cpus": "job_cpu", "cpus-per-task": "job_cpu", "time": "walltime",
                "partition": "queue", "account": "account"}
 KUBERNETES_KEYS = ("mem", "cpu", "image", "namespace")
+# A dask worker pauses at 80% of its memory limit and waits for memory that only finishing its unit
+# frees: a run would hang (seen with SLURM jobs of 400M). Units are sized to the memory; the nanny
+# still kills a worker at 95%, which the launcher reports and reruns.
+NO_PAUSE = tuple(f"export DASK_DISTRIBUTED__WORKER__MEMORY__{key}=False" for key in ("PAUSE", "SPILL", "TARGET"))
 
 
 def require_extra(strategy: str) -> None:
@@ -74,7 +78,7 @@ def slurm_settings(resources: dict, default_memory: int) -> dict:
     worker's memory limit. Any other key becomes `#SBATCH --key=value`.
     """
     settings: dict = {"cores": 1, "processes": 1, "job_name": "beam-downsample", "memory": None,
-                      "job_extra_directives": []}
+                      "job_extra_directives": [], "job_script_prologue": list(NO_PAUSE)}
     for key, value in resources.items():
         name = SLURM_NAMED.get(key.replace("_", "-"))
         if name == "job_cpu":
