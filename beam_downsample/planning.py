@@ -420,7 +420,7 @@ def plan_units(
 ) -> list[WorkUnit]:
     """Every unit of the pass (a dense plan), in index order; for small layers and tests."""
     grid = plan_grid(layer, pass_index, a_pass, bbox_mag1, bytes_per_voxel, budget)
-    return [grid.unit(i) for i in range(grid.count)]
+    return grid.units(grid.all_indices())
 
 
 def seed_runs(indices: np.ndarray, pieces: int) -> np.ndarray:
