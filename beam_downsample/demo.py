@@ -104,17 +104,7 @@ def write_dataset(
             layer_properties(spec["name"], spec["category"], element_class, top_left, size, [mag], channels, largest,
                              data_format)
         )
-    raw = {
-        "id": {"name": name or os.path.basename(os.path.abspath(path)), "team": ""},
-        "scale": {"factor": [float(v) for v in voxel_size], "unit": "nanometer"},
-        "dataLayers": raw_layers,
-        "version": 1,
-    }
-    if data_format == "zarr3":
-        write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
-    elif data_format == "zarr":
-        write_json_atomically(os.path.join(path, ".zgroup"), {"zarr_format": "2"})
-    save_properties(path, raw)
+    _write_header(path, name, voxel_size, raw_layers, data_format)
     dataset = load_dataset(path)
     for spec, layer in zip(layers, dataset.layers):
         data = spec["data"] if spec["data"].ndim == 4 else spec["data"][None]
@@ -128,6 +118,21 @@ def write_dataset(
         io.finish_mags([spec])
         io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
     shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
+
+
+def _write_header(path: str, name, voxel_size: Sequence[float], raw_layers: list, data_format: str) -> None:
+    """The dataset's properties and, for zarr, its group metadata."""
+    raw = {
+        "id": {"name": name or os.path.basename(os.path.abspath(path)), "team": ""},
+        "scale": {"factor": [float(v) for v in voxel_size], "unit": "nanometer"},
+        "dataLayers": raw_layers,
+        "version": 1,
+    }
+    if data_format == "zarr3":
+        write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
+    elif data_format == "zarr":
+        write_json_atomically(os.path.join(path, ".zgroup"), {"zarr_format": "2"})
+    save_properties(path, raw)
 
 
 def write_sparse_dataset(
@@ -153,14 +158,7 @@ def write_sparse_dataset(
         largest = max((int(d.max()) for _, d in spec["blocks"]), default=0)
         raw_layers.append(layer_properties(spec["name"], spec["category"], element_class_for(dtype, 1), (0, 0, 0),
                                            list(size), [(1, 1, 1)], 1, largest, data_format))
-    raw = {"id": {"name": os.path.basename(os.path.abspath(path)), "team": ""},
-           "scale": {"factor": [float(v) for v in voxel_size], "unit": "nanometer"},
-           "dataLayers": raw_layers, "version": 1}
-    if data_format == "zarr3":
-        write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
-    elif data_format == "zarr":
-        write_json_atomically(os.path.join(path, ".zgroup"), {"zarr_format": "2"})
-    save_properties(path, raw)
+    _write_header(path, None, voxel_size, raw_layers, data_format)
     dataset = load_dataset(path)
     for spec, layer in zip(layers, dataset.layers):
         mag = (1, 1, 1)
