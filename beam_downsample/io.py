@@ -218,6 +218,39 @@ def _create_wkw_mag(spec: dict, resume: bool, files=None) -> bool:
     return False
 
 
+def open_refreshed_mag(spec: dict, resume: bool, files=None) -> None:
+    """Readies an existing mag that a `--bbox` refresh writes into; it is never recreated.
+
+    zarr: tensorstore writes the box into the existing chunks (read-modify-write).
+    wkw: the touched `files` are first copied, decompressed, into a fresh staging
+    copy (a compressed file can only be written whole), and compressed back after
+    the pass. A resumed refresh keeps its staging copy: it holds finished units.
+    """
+    if spec["driver"] != "wkw":
+        open_array(spec, open=True)
+        remove_stale_write_locks(spec)
+        return
+    staging = spec["staging"]
+    if resume and os.path.isdir(staging):
+        return
+    if os.path.isdir(staging):
+        shutil.rmtree(staging)
+    final = wkw_io.WkwMag(spec["path"])
+    wkw_io.create_staging(staging, final.dtype, final.channels)
+    if not resume:  # (resumed without staging: every file was compressed, nothing is left to write)
+        wkw_io.stage_existing(spec["path"], staging, Box(*(tuple(v) for v in spec["region"])), files)
+
+
+def check_wkw_layout(layer: Layer, dataset_path: str, mag: Mag) -> None:
+    """A refresh stages whole files of 32^3 blocks of 32^3 voxels, the layout we and the reference write."""
+    layout = wkw_io.layout(layer.mag_path(dataset_path, mag))
+    if layout != (wkw_io.BLOCK_LEN, wkw_io.FILE_LEN):
+        raise DatasetError(
+            f"layer {layer.name!r} mag {mag_name(mag)}: wkw blocks of {layout[0]} voxels in files of {layout[1]} "
+            f"blocks; --bbox can only refresh the reference's layout ({wkw_io.BLOCK_LEN}, {wkw_io.FILE_LEN})"
+        )
+
+
 def finish_mags(specs: Sequence[dict], threads: int = 1) -> None:
     """After a pass: wkw's staged files become the final compressed files
     (all files of all mags at once, on `threads` threads); zarr needs nothing."""

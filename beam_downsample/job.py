@@ -17,10 +17,10 @@ import apache_beam as beam
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, locks, markers, planning, reduce, seeds, sizing, storage, stored, supervise, wkw_io
+from beam_downsample import io, locks, markers, planning, reduce, refresh, seeds, sizing, storage, stored, supervise, wkw_io
 from beam_downsample.machine import available_cores
-from beam_downsample.mags import Mag, factor_between, mag_name
-from beam_downsample.planning import Pass, UnitGrid, WorkUnit
+from beam_downsample.mags import Mag, factor_between, mag_name, sort_mags
+from beam_downsample.planning import Box, Pass, UnitGrid, WorkUnit
 from beam_downsample.properties import (
     PROPERTIES_FILE,
     Dataset,
@@ -49,6 +49,7 @@ class JobOptions:
     # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.
     worker_memory: Optional[int] = None
     worker_cores: Optional[int] = None
+    bbox: Optional[Box] = None  # `--bbox` (mag-1 voxels): refresh the existing mags inside it (`refresh`)
 
 
 # Candidate units the launcher checks one by one (storage statistics) at planning: ~0.15 ms each
@@ -73,6 +74,7 @@ class LayerPlan:
     planned: tuple[np.ndarray, ...]  # per pass: sorted unit indices
     configs: tuple[PassConfig, ...]  # per pass
     dense_reason: Optional[str] = None  # why pass 1 plans every unit
+    refresh_box: Optional[Box] = None  # `--bbox` within the layer; its passes with `config.refresh` refresh it
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
@@ -115,31 +117,49 @@ def pass_dir_name(a_pass: Pass, interpolation: str) -> str:
 
 
 def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
-    """Plans every selected layer; raises DatasetError/PlanningError before touching anything."""
+    """Plans every selected layer; raises DatasetError/PlanningError/RefreshError before touching anything."""
     layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
     check_writable(dataset.path, [layer.name for layer in layers])
     for layer in layers:
-        io.check_source_array(layer, dataset.path, layer.source_mag)
-    align_with = set(dataset.all_mags())
+        io.check_source_array(layer, dataset.path, _source_mag(layer, options))
+    if options.bbox is None:
+        align_with = set(dataset.all_mags())
+    else:  # as if the refreshed layers' pyramids were deleted and made again
+        align_with = refresh.align_with(dataset.layers, [layer.name for layer in layers])
     plans = []
     budget = unit_budget(options)
     for layer in layers:
+        source = _source_mag(layer, options)
         sampling_mode = "constant_z" if layer.bbox.shape[2] == 1 else options.sampling_mode
         coarsest = options.coarsest_mag or planning.default_coarsest_mag(*layer.bbox.shape[:2])
         try:
-            targets = planning.plan_mags(layer.source_mag, coarsest, sampling_mode, dataset.voxel_size, align_with)
+            targets = planning.plan_mags(source, coarsest, sampling_mode, dataset.voxel_size, align_with)
         except planning.PlanningError as error:
             raise planning.PlanningError(f"layer {layer.name!r}: {error}") from None
         align_with.update(targets)  # the reference plans layers one after another
         interpolation = options.interpolation or reduce.DEFAULT_INTERPOLATION[layer.category]
         bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
-        passes = planning.group_passes(layer.source_mag, targets, bytes_per_voxel, budget)
+        box, refreshing = None, 0
+        if options.bbox is None:
+            passes = planning.group_passes(source, targets, bytes_per_voxel, budget)
+        else:
+            box = refresh.layer_box(options.bbox, layer)
+            kept, made = refresh.split_chain(layer, source, targets)
+            _check_refreshable(dataset, layer, source)
+            first = planning.group_passes(source, kept, bytes_per_voxel, budget)
+            passes = first + planning.group_passes(kept[-1] if kept else source, made, bytes_per_voxel, budget)
+            refreshing = len(first)
         grids, planned, configs = [], [], []
         dense_reason = None
         for index, a_pass in enumerate(passes):
             grid = planning.plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
-            config = _pass_config(dataset, layer, index, a_pass, interpolation, budget)
-            if index == 0:
+            if index < refreshing:
+                grid = refresh.refresh_grid(grid, a_pass, box)
+            config = _pass_config(dataset, layer, index, a_pass, interpolation, budget,
+                                  box if index < refreshing else None)
+            if index < refreshing:  # empty source too: what the target held there must go
+                indices = grid.all_indices()
+            elif index == refreshing:  # the source is a complete mag: list it
                 indices, dense_reason = source_units(config, grid)
             else:
                 indices = map_units(grids[-1], planned[-1], passes[index - 1], grid)
@@ -147,11 +167,33 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
             planned.append(indices)
             configs.append(config)
         plan = LayerPlan(layer, tuple(targets), tuple(passes), tuple(grids), tuple(planned), tuple(configs),
-                         dense_reason)
+                         dense_reason, box)
         _check_worker_memory(plan, options)
         plans.append(plan)
     check_write_paths(dataset, plans)
     return plans
+
+
+def _source_mag(layer: Layer, options: JobOptions) -> Mag:
+    """A run continues from the coarsest mag; a refresh recomputes from the finest (the edited one)."""
+    return layer.source_mag if options.bbox is None else refresh.finest_mag(layer)
+
+
+def _check_refreshable(dataset: Dataset, layer: Layer, source: Mag) -> None:
+    """Every mag a refresh writes or replaces is the layer's own `TARGET/<layer>/<mag>`, and
+    each one opens with the layer's dtype and channels (wkw: in the layout we write)."""
+    for mag in sort_mags(layer.mags):
+        if mag == source:
+            continue
+        path = io.new_mag_path(layer, dataset.path, mag)
+        if storage.normpath(layer.mag_path(dataset.path, mag)) != path:
+            raise refresh.RefreshError(
+                f"layer {layer.name!r} mag {mag_name(mag)} is stored at {layer.mag_path(dataset.path, mag)}, "
+                f"not at {path}: --bbox only rewrites mags in the layer's own directory"
+            )
+        io.check_source_array(layer, dataset.path, mag)
+        if layer.data_format == "wkw":
+            io.check_wkw_layout(layer, dataset.path, mag)
 
 
 def _check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
@@ -212,8 +254,10 @@ def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid
 
 
 def _pass_config(
-    dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str, budget: planning.UnitBudget
+    dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str, budget: planning.UnitBudget,
+    box: Optional[Box] = None,
 ) -> PassConfig:
+    """`box`: this pass refreshes the existing target mags inside it (mag-1 voxels)."""
     if index == 0:
         source_spec = io.existing_mag_spec(layer, dataset.path, a_pass.source_mag)
     else:  # the previous pass's coarsest mag, finished before this pass starts
@@ -227,6 +271,7 @@ def _pass_config(
                 factor=factor_between(previous, mag),
                 region=planning.region_in_mag(layer.bbox, mag),
                 spec=io.target_spec(layer, dataset.path, mag),
+                write=None if box is None else refresh.write_region(box, layer.bbox, mag),
             )
         )
         previous = mag
@@ -239,10 +284,12 @@ def _pass_config(
         channels=layer.num_channels,
         interpolation=interpolation,
         levels=tuple(levels),
-        marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)),
+        marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)
+                                       + ("" if box is None else refresh.marker_suffix(box))),
         tile_alignment=planning.tile_alignment(a_pass),
         threads=budget.threads,
         tile_voxels=budget.tile_voxels,
+        refresh=box is not None,
     )
 
 
@@ -284,6 +331,8 @@ def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndar
 
 def _sparse_note(plan: LayerPlan, index: int) -> str:
     """`(6 of 1,048,576 work units hold data)`; later passes are an upper bound until pass 1 ran."""
+    if plan.configs[index].refresh:
+        return f" (refreshing --bbox {refresh.box_text(plan.refresh_box)} of existing mags)"
     if index == 0 and plan.dense_reason:
         return f" (planned densely: {plan.dense_reason})"
     count, total = len(plan.planned[index]), plan.grids[index].count
@@ -328,6 +377,9 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
             storage.makedirs(config.marker_dir)
             for mag in a_pass.target_mags:
                 files = _wkw_files(plan, index, mag) if plan.layer.data_format == "wkw" else None
+                if config.refresh:  # an existing mag: written into, never recreated
+                    io.open_refreshed_mag(io.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
+                    continue
                 kept = io.create_mag(io.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
                 if resuming and not kept:  # different layout: its markers are worthless
                     storage.delete_tree(config.marker_dir)
@@ -351,12 +403,17 @@ def _wkw_files(plan: LayerPlan, index: int, mag: Mag) -> np.ndarray:
     """(N, 3) indices of the wkw files of `mag` that the pass's planned units write:
     only those get staging files (and so compressed files), never the whole box."""
     grid, a_pass = plan.grids[index], plan.passes[index]
-    starts, stops = grid.boxes(plan.planned[index])
-    factor = np.array(factor_between(a_pass.source_mag, mag))
     side = wkw_io.BLOCK_LEN * wkw_io.FILE_LEN
     region = planning.region_in_mag(plan.layer.bbox, mag)
     files = UnitGrid("", 0, region, (side, side, side))
-    file_starts, _ = files.boxes(files.overlapping(starts // factor, -(-stops // factor)))
+    level = next(level for level in plan.configs[index].levels if level.mag == mag)
+    if level.write is not None:  # a refresh stages (and recompresses) only the files it writes into
+        touched = files.overlapping(np.array([level.write.start]), np.array([level.write.stop]))
+    else:
+        starts, stops = grid.boxes(plan.planned[index])
+        factor = np.array(factor_between(a_pass.source_mag, mag))
+        touched = files.overlapping(starts // factor, -(-stops // factor))
+    file_starts, _ = files.boxes(touched)
     return file_starts // side
 
 
@@ -390,9 +447,8 @@ def pass_units(plans: Sequence[LayerPlan], index: int, listed: bool = True) -> l
     planning's upper bound.
     """
     active = [p for p in plans if index < len(p.passes)]
-    if index == 0 or not listed:
-        return [p.planned[index] for p in active]
-    return [source_units(p.configs[index], p.grids[index])[0] for p in active]
+    return [p.planned[index] if index == 0 or not listed or p.configs[index].refresh
+            else source_units(p.configs[index], p.grids[index])[0] for p in active]
 
 
 def unfinished(configs: Sequence[PassConfig], grids: Sequence[UnitGrid],

@@ -23,7 +23,7 @@ import numpy as np
 import wkw
 from wkw.wkw import WKWException
 
-from beam_downsample.planning import Box
+from beam_downsample.planning import Box, split_box
 
 BLOCK_LEN = 32  # voxels per block edge
 FILE_LEN = 32  # blocks per file edge: files of 1024^3 voxels
@@ -121,6 +121,30 @@ def create_staging_files(staging: str, region: Box, files=None) -> None:
         dataset.close()
 
 
+def stage_existing(path: str, staging: str, region: Box, files) -> None:
+    """Copies the region's part of each of `files` ((N, 3) file indices) from the compressed
+    mag at `path` into the (fresh) uncompressed staging copy, in block-aligned slabs of at
+    most STAGE_VOXELS; a file that does not exist yet gets one zero block, as a new one does."""
+    side = BLOCK_LEN * FILE_LEN
+    with wkw.Dataset.open(path) as final, wkw.Dataset.open(staging) as staged:
+        zeros = np.zeros((staged.header.num_channels, BLOCK_LEN, BLOCK_LEN, BLOCK_LEN),
+                         dtype=staged.header.voxel_type, order="F")
+        for fx, fy, fz in (tuple(int(v) for v in f) for f in files):
+            box = Box((fx * side, fy * side, fz * side), ((fx + 1) * side, (fy + 1) * side, (fz + 1) * side))
+            part = box.intersect(region)
+            if not os.path.exists(os.path.join(path, f"z{fz}", f"y{fy}", f"x{fx}.wkw")):
+                staged.write([a // BLOCK_LEN * BLOCK_LEN for a in part.start], zeros)
+                continue
+            for slab in split_box(part, (BLOCK_LEN,) * 3, STAGE_VOXELS):
+                staged.write(slab.start, final.read(slab.start, slab.shape))
+
+
+def layout(path: str) -> tuple[int, int]:
+    """(voxels per block edge, blocks per file edge) of the wkw mag at `path`."""
+    with wkw.Dataset.open(path) as dataset:
+        return dataset.header.block_len, dataset.header.file_len
+
+
 def staged_files(staging: str) -> Iterator[str]:
     """Relative paths (`z0/y0/x0.wkw`) of the staging copy's data files."""
     for directory, _, files in os.walk(staging):
@@ -135,6 +159,7 @@ def staged_files(staging: str) -> Iterator[str]:
 # staging file (1 GiB of sparse zeros per uint8 file: seconds of system time).
 # A thread holds about twice this; see COMPRESS_THREADS.
 IN_MEMORY_BYTES = 128 << 20
+STAGE_VOXELS = 8 << 20  # a refresh copies existing files into staging in slabs of at most this
 COMPRESS_THREADS = 4  # at most: 4 x 2 x 128 MiB stays inside the default 2G budget
 
 

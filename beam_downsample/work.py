@@ -28,6 +28,7 @@ class LevelConfig:
     factor: Mag  # from the level before (or the pass's source)
     region: Box  # the layer's bounding box aligned outward, in this mag's voxels
     spec: dict  # tensorstore spec of the (already created) target array
+    write: Box | None = None  # a `--bbox` refresh writes only these voxels (the box aligned outward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class PassConfig:
     tile_alignment: tuple[int, int, int] = (32, 32, 32)
     threads: int = 1
     tile_voxels: int = 16 << 20
+    refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
 
 
 @dataclasses.dataclass
@@ -200,6 +202,8 @@ def start_level_writes(config: PassConfig, targets: Sequence, buffers: Sequence[
     pending, voxels = [], 0
     for level, target, buffer, unit_box in zip(config.levels, targets, buffers, unit_levels):
         written = unit_box.intersect(level.region)
+        if level.write is not None:
+            written = written.intersect(level.write)
         if written.empty:
             continue
         pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)]))

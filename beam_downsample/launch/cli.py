@@ -21,11 +21,11 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, locks, machine, reduce, sizing, storage
+from beam_downsample import job, locks, machine, reduce, refresh, sizing, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
-from beam_downsample.planning import SAMPLING_MODES, PlanningError, region_in_mag
+from beam_downsample.planning import SAMPLING_MODES, PlanningError
 from beam_downsample.properties import DatasetError, load_dataset
 
 FLAGS = flags.FlagValues()
@@ -71,6 +71,11 @@ flags.DEFINE_string(
     "By default 2G, or what the worker processes need (300 MiB each plus a 1 GiB unit) if more, at most half the "
     "machine's memory.",
     flag_values=FLAGS)
+flags.DEFINE_string(
+    "bbox", None,
+    "x,y,z,width,height,depth in mag-1 voxels: after an edit of the finest mag inside this box, refresh the "
+    "layer's existing mags there (each mag's part of the box, aligned outward); planned mags the layer lacks "
+    "are made in full.", flag_values=FLAGS)
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
@@ -150,9 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 coarsest = parse_mag(_flag_value("coarsest-mag"))
             except MagError as error:
                 raise runners.UsageError(f"--coarsest-mag: {error}") from None
+        box = None if _flag_value("bbox") is None else refresh.parse_box(_flag_value("bbox"))
         dataset = load_dataset(target)
         local = engine.worker_memory is None  # this machine's budget is shared by the launcher and its workers
-        sized = _sizing(dataset, strategy, jobs, given_budget) if local else None
+        sized = _sizing(dataset, strategy, jobs, given_budget, box) if local else None
         if sized is not None:
             engine = runners.sized(engine, sized)
         options = job.JobOptions(
@@ -164,10 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs=sized.processes if sized else (jobs or machine.available_cores()),
             worker_memory=engine.worker_memory,
             worker_cores=engine.worker_cores,
+            bbox=box,
         )
         plans = job.plan_job(dataset, options)
     except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
-            machine.MachineError) as error:
+            machine.MachineError, refresh.RefreshError) as error:
         return _fail(str(error))
     print(job.describe(plans))
     if _flag_value("dry-run"):
@@ -210,12 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _sizing(dataset, strategy: str, jobs, budget) -> sizing.Sizing:
-    """Processes, budget and units for this machine (BEAM_DOWNSAMPLE_MACHINE plans for another)."""
+def _sizing(dataset, strategy: str, jobs, budget, box=None) -> sizing.Sizing:
+    """Processes, budget and units for this machine (BEAM_DOWNSAMPLE_MACHINE plans for another);
+    a refresh is sized for its box (each pass is sized again for its units when it starts)."""
     layer_name = _flag_value("layer-name")
     layers = [layer for layer in dataset.layers if layer_name is None or layer.name == layer_name]
     work = sizing.work_seconds(
-        (layer.bbox.voxels // max(math.prod(layer.source_mag), 1), layer.dtype.itemsize * layer.num_channels)
+        ((layer.bbox if box is None else layer.bbox.intersect(box)).voxels // max(math.prod(layer.source_mag), 1),
+         layer.dtype.itemsize * layer.num_channels)
         for layer in layers
     )
     here = sizing.Machine(machine.available_cores(), machine.total_memory())
@@ -306,7 +315,7 @@ def _pass_voxels(plans) -> list[int]:
     for plan in plans:
         for index, a_pass in enumerate(plan.passes):
             voxels.extend([0] * (index + 1 - len(voxels)))
-            voxels[index] += math.prod(region_in_mag(plan.layer.bbox, a_pass.source_mag).shape)
+            voxels[index] += plan.grids[index].region.voxels
     return voxels
 
 

@@ -28,14 +28,13 @@ class DownsampleUnitFn(beam.DoFn):
     Units whose source box holds nothing stored (tensorstore answers from
     the keys or shard indices, without reading) are marked done without
     running: they would write only the fill value, which is never stored.
-    `skip_empty=False` (a `--bbox` refresh) runs them anyway, so that stale
-    chunks of the target are replaced by the fill value (deleted).
+    A `--bbox` refresh (`config.refresh`) runs them anyway, so that what the
+    target held there is replaced by the fill value (deleted).
     """
 
-    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False, skip_empty: bool = True):
+    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False):
         self._configs = {(c.layer, c.pass_index): c for c in configs}
         self._record_failures = record_failures
-        self._skip_empty = skip_empty
 
     def setup(self) -> None:
         context = ts.Context(io.context_spec())
@@ -65,7 +64,7 @@ class DownsampleUnitFn(beam.DoFn):
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
         workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
         try:
-            if self._skip_empty and stored.box_not_stored(source, unit.box):
+            if not config.refresh and stored.box_not_stored(source, unit.box):
                 markers.mark_done(config, unit)
                 self._empty.inc()
                 self._tally.add()
@@ -106,13 +105,12 @@ class DownsamplePass(beam.PTransform):
     """All work units of one pass (any number of layers), made from seeds and spread over workers."""
 
     def __init__(self, seeds: Sequence[tuple], grids: Sequence[UnitGrid], configs: Sequence[work.PassConfig],
-                 record_failures: bool = False, skip_empty: bool = True):
+                 record_failures: bool = False):
         super().__init__()
         self._seeds = list(seeds)
         self._grids = list(grids)
         self._configs = list(configs)
         self._record_failures = record_failures
-        self._skip_empty = skip_empty
 
     def expand(self, pbegin):
         return (
@@ -120,5 +118,5 @@ class DownsamplePass(beam.PTransform):
             | "Seeds" >> beam.Create(self._seeds, reshuffle=False)
             | "ExpandToUnits" >> beam.ParDo(ExpandToUnits(self._grids))
             | "Spread" >> beam.Reshuffle()
-            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs, self._record_failures, self._skip_empty))
+            | "Downsample" >> beam.ParDo(DownsampleUnitFn(self._configs, self._record_failures))
         )
