@@ -157,8 +157,10 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
                 grid = refresh.refresh_grid(grid, a_pass, box)
             config = _pass_config(dataset, layer, index, a_pass, interpolation, budget,
                                   box if index < refreshing else None)
-            if index < refreshing:  # empty source too: what the target held there must go
-                indices = grid.all_indices()
+            if index < refreshing:
+                source = (source_units(config, grid)[0] if index == 0
+                          else map_units(grids[-1], planned[-1], passes[index - 1], grid))
+                indices = refresh_units(config, grid, source)
             elif index == refreshing:  # the source is a complete mag: list it
                 indices, dense_reason = source_units(config, grid)
             else:
@@ -225,15 +227,22 @@ def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tup
     except stored.Dense as reason:
         return grid.all_indices(), str(reason)
     indices = grid.overlapping(starts, stops)
-    if refine and 0 < len(indices) <= REFINE_LIMIT and config.source_spec["driver"] != "wkw":
-        indices = _refine(config, grid, indices)
+    if refine:
+        indices = _refine(config.source_spec, grid, indices)
     return indices, None
 
 
-def _refine(config: PassConfig, grid: UnitGrid, indices: np.ndarray) -> np.ndarray:
+def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor=(1, 1, 1)) -> np.ndarray:
+    """The units `indices` whose box (in the array of `spec`, `factor` times coarser than the
+    grid's voxels) holds something stored, by storage statistics; all of them where there
+    are too many candidates to ask one by one, or for wkw (which cannot tell)."""
+    if not 0 < len(indices) <= REFINE_LIMIT or spec["driver"] == "wkw":
+        return indices
     context = ts.Context({"cache_pool": {"total_bytes_limit": REFINE_CACHE_BYTES}})
-    array = io.open_array(config.source_spec, context, open=True)
+    array = io.open_array(spec, context, open=True)
     starts, stops = grid.boxes(indices)
+    factor = np.array(factor)
+    starts, stops = starts // factor, -(-stops // factor)
     futures = [
         array[io.region_index(planning.Box(tuple(a), tuple(b)))].storage_statistics(query_not_stored=True)
         for a, b in zip(starts.tolist(), stops.tolist())
@@ -243,6 +252,24 @@ def _refine(config: PassConfig, grid: UnitGrid, indices: np.ndarray) -> np.ndarr
     except ValueError:  # e.g. a corrupt shard index: its units run and fail with the reason, in one line
         return indices
     return indices[keep]
+
+
+def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.ndarray:
+    """A refresh pass's units: where its source holds data (`source`), and where its first
+    target mag holds data, which must be cleared if the edit erased it (one listing, then
+    storage statistics per candidate), so a big box over a sparse layer stays cheap.
+
+    The first target mag suffices: zeros reduce to zeros with every interpolation, so a
+    voxel of a coarser mag that is not 0 has a voxel that is not 0 in its footprint in
+    each finer mag (outside the box a refresh trusts the existing mags anyway)."""
+    level = config.levels[0]
+    try:
+        starts, stops = stored.stored_boxes(level.spec)
+    except stored.Dense:
+        return grid.all_indices()
+    factor = np.array(level.factor)
+    candidates = np.setdiff1d(grid.overlapping(starts * factor, stops * factor), source, assume_unique=True)
+    return np.union1d(source, _refine(level.spec, grid, candidates, level.factor))
 
 
 def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid: UnitGrid) -> np.ndarray:

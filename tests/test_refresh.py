@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 import pytest
-import wkw
 
 from conftest import run_cli, tree_digest
+from refresh_helpers import assert_same_pyramid, mag_voxels
 from resilience_helpers import kill_group, start_cli, wait_until
 
 from beam_downsample import demo, io
@@ -102,41 +102,6 @@ def recomputed(box6, target, data_format: str, *args):
     demo.write_dataset(str(target), edited_layers(box6), VOXEL_SIZE, name="ds", data_format=data_format)
     run_ok(target, *(args or ARGS))
     return target
-
-
-def mag_voxels(path) -> dict:
-    """Every mag's voxels over the layer's region, per (layer, mag)."""
-    dataset = load_dataset(str(path))
-    voxels = {}
-    for layer in dataset.layers:
-        for mag in layer.mags:
-            array = io.open_array(io.existing_mag_spec(layer, dataset.path, mag), open=True)
-            voxels[layer.name, mag] = io.read_box(array, region_in_mag(layer.bbox, mag), layer.num_channels)
-    return voxels
-
-
-def metadata(path) -> dict:
-    """Properties, layer NGFF metadata and each mag's array metadata (JSON, or wkw header bytes)."""
-    found = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            if name in ("datasource-properties.json", "zarr.json", ".zattrs", ".zgroup", ".zarray"):
-                with open(os.path.join(root, name), encoding="utf-8") as handle:
-                    found[os.path.relpath(os.path.join(root, name), path)] = json.load(handle)
-            elif name == "header.wkw":
-                with open(os.path.join(root, name), "rb") as handle:
-                    found[os.path.relpath(os.path.join(root, name), path)] = handle.read()
-    return found
-
-
-def assert_same_pyramid(got, expected) -> None:
-    assert metadata(got) == metadata(expected)
-    got_voxels, expected_voxels = mag_voxels(got), mag_voxels(expected)
-    assert got_voxels.keys() == expected_voxels.keys()
-    for key, value in expected_voxels.items():
-        differ = int(np.count_nonzero(got_voxels[key] != value))
-        assert differ == 0, f"{key}: {differ} voxels differ from a full recompute"
-    assert not (got / STATE_DIR).exists()
 
 
 # ---------------------------------------------------------------------------
@@ -341,3 +306,69 @@ def test_refresh_killed_mid_pass_then_rerun_equals_full_recompute(segmentation, 
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming:" in rerun.stderr, rerun.stderr
     assert_same_pyramid(stale, expected)
+
+
+# ---------------------------------------------------------------------------
+# a big box over a sparse layer
+
+
+SPARSE_SIZE = (32768, 32768, 2048)
+BLOCK_A, BLOCK_B = (64, 96, 32), (20000, 20480, 1000)
+
+
+def sparse_layers(with_b: bool, edit_a: bool) -> list[dict]:
+    rng = np.random.default_rng(3)
+    a = rng.integers(1, 9, (160, 130, 70), dtype=np.uint32)
+    b = rng.integers(1, 9, (100, 100, 50), dtype=np.uint32)
+    if edit_a:
+        a[40:120, 30:100, 10:50] = rng.integers(20, 30, (80, 70, 40), dtype=np.uint32)
+    blocks = [(BLOCK_A, a)] + ([(BLOCK_B, b)] if with_b else [])
+    return [{"name": "segmentation", "category": "segmentation", "dtype": "uint32", "blocks": blocks}]
+
+
+def stored_keys(path) -> dict:
+    """Per mag directory, the names of the stored shard files."""
+    keys = {}
+    for mag in sorted(os.listdir(path / "segmentation")):
+        if (path / "segmentation" / mag).is_dir():
+            root = path / "segmentation" / mag
+            keys[mag] = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                               for f in files if f != "zarr.json")
+    return keys
+
+
+def test_big_box_over_a_sparse_layer_plans_by_the_data_and_clears_erased_blocks(tmp_path):
+    """Block B is erased and block A edited in mag 1; the box (6.9e11 voxels) covers both.
+    Units are planned only where the source or a target mag holds data; every mag of B's
+    region must be cleared (its shards deleted), and the data equals a full recompute."""
+    base = tmp_path / "base"
+    demo.write_sparse_dataset(str(base), SPARSE_SIZE, sparse_layers(True, False), VOXEL_SIZE)
+    run_ok(base)
+    stale = tmp_path / "stale"
+    demo.write_sparse_dataset(str(stale), SPARSE_SIZE, sparse_layers(False, True), VOXEL_SIZE)
+    for name in os.listdir(base / "segmentation"):
+        if name != "1":
+            source = base / "segmentation" / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, stale / "segmentation" / name)
+    shutil.copy2(base / "datasource-properties.json", stale / "datasource-properties.json")
+    expected = tmp_path / "expected"
+    demo.write_sparse_dataset(str(expected), SPARSE_SIZE, sparse_layers(False, True), VOXEL_SIZE)
+    run_ok(expected)
+    assert stored_keys(stale) != stored_keys(expected)  # B's shards are still there
+
+    box = ("--bbox", "0,0,0,24000,24000,1200")
+    plan = run_ok(stale, *box, "--dry-run")
+    counts = [int(line.split(" in ")[1].split()[0]) for line in plan.splitlines() if "refreshing" in line]
+    assert counts and max(counts) <= 8, plan  # the two blocks' units, not the box's millions
+    run_ok(stale, *box)
+    assert stored_keys(stale) == stored_keys(expected)
+    dataset = load_dataset(str(stale))
+    reference = load_dataset(str(expected))
+    (layer,) = dataset.layers
+    for mag in layer.mags:
+        got = io.open_array(io.existing_mag_spec(layer, dataset.path, mag), open=True)
+        want = io.open_array(io.existing_mag_spec(reference.layers[0], reference.path, mag), open=True)
+        for offset, shape in ((BLOCK_A, (160, 130, 70)), (BLOCK_B, (100, 100, 50))):
+            region = region_in_mag(Box(offset, tuple(a + s for a, s in zip(offset, shape))), mag)
+            region = Box(tuple(max(a - 2, 0) for a in region.start), tuple(b + 2 for b in region.stop))
+            assert np.array_equal(io.read_box(got, region, 1), io.read_box(want, region, 1)), (mag, offset)
