@@ -56,6 +56,9 @@ class JobOptions:
 # locally with the shard indices cached (a request per stored shard on GCS), so at most ~15 s.
 REFINE_LIMIT = 100_000
 REFINE_CACHE_BYTES = 256 << 20  # shard indices read once, not once per unit
+# A pass reducing fewer source voxels uses the numpy kernels: numba's import and cached-kernel
+# load (~0.3-0.5 CPU-s per process) would cost more than they save (numpy's mode: ~200 MVox/s).
+COMPILED_MIN_VOXELS = 32 << 20
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -167,7 +170,7 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
                 indices = map_units(grids[-1], planned[-1], passes[index - 1], grid)
             grids.append(grid)
             planned.append(indices)
-            configs.append(config)
+            configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS))
         plan = LayerPlan(layer, tuple(targets), tuple(passes), tuple(grids), tuple(planned), tuple(configs),
                          dense_reason, box)
         _check_worker_memory(plan, options)
@@ -345,14 +348,17 @@ def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
     return sizes
 
 
+def _voxels(grid: UnitGrid, indices: np.ndarray) -> int:
+    starts, stops = grid.boxes(indices)
+    return int(np.prod(stops - starts, axis=1).sum()) if len(indices) else 0
+
+
 def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndarray]) -> float:
     """Estimated CPU-s of pass `index`'s units `indices` (per active layer), from their voxels
     and sizing's per-voxel cost of each layer's voxel type."""
     work = []
     for plan, chosen in zip(plans, indices):
-        starts, stops = plan.grids[index].boxes(chosen)
-        voxels = int(np.prod(stops - starts, axis=1).sum()) if len(chosen) else 0
-        work.append((voxels, plan.layer.dtype.itemsize * plan.layer.num_channels))
+        work.append((_voxels(plan.grids[index], chosen), plan.layer.dtype.itemsize * plan.layer.num_channels))
     return sizing.work_seconds(work)
 
 
@@ -365,7 +371,8 @@ def _sparse_note(plan: LayerPlan, index: int) -> str:
     count, total = len(plan.planned[index]), plan.grids[index].count
     if count == total:
         return ""
-    return f" ({'' if index == 0 else 'at most '}{count:,} of {total:,} work units hold data)"
+    listed = index == 0 or plan.configs[index - 1].refresh  # planned from a listing of a complete mag
+    return f" ({'' if listed else 'at most '}{count:,} of {total:,} work units hold data)"
 
 
 def _unit_memory(plan: LayerPlan, index: int) -> float:

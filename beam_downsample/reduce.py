@@ -273,12 +273,16 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
 
 
 def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_at: Sequence[int],
-                   shape: Sequence[int], factor: Sequence[int], interpolation: str) -> None:
+                   shape: Sequence[int], factor: Sequence[int], interpolation: str, compiled: bool = True) -> None:
     """Reduces the box of `src` at `src_at` into the box of `dst` at `dst_at`, shaped
     `shape` in output voxels. A compiled kernel reads and writes the whole arrays
-    in place (no copy of the box, no fresh pages, strides it can vectorise)."""
+    in place (no copy of the box, no fresh pages, strides it can vectorise).
+
+    `compiled=False` (little work: loading numba and its cached kernels would cost
+    more than it saves) uses the numpy kernels unless numba is loaded already;
+    both give the same bytes."""
     _kernel(interpolation)
-    fast = _compiled()
+    fast = _compiled() if compiled or _COMPILED else None
     if fast is not None and tuple(factor) != (1, 1, 1) and fast.available(src, factor, interpolation, dst):
         fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
         return

@@ -48,6 +48,7 @@ class PassConfig:
     threads: int = 1
     tile_voxels: int = 16 << 20
     refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
+    compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)
 
 
 @dataclasses.dataclass
@@ -127,7 +128,8 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
         # input; replicating there is harmless: only voxels inside the region are written.
         index = io.local_index(box, unit_box)
         at = tuple(s.start for s in index[1:])
-        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation)
+        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation,
+                              config.compiled)
         replicate_edges(buffer[index], box, level.region)
         source, source_at = buffer, at
 

@@ -372,3 +372,16 @@ def test_big_box_over_a_sparse_layer_plans_by_the_data_and_clears_erased_blocks(
             region = region_in_mag(Box(offset, tuple(a + s for a, s in zip(offset, shape))), mag)
             region = Box(tuple(max(a - 2, 0) for a in region.start), tuple(b + 2 for b in region.stop))
             assert np.array_equal(io.read_box(got, region, 1), io.read_box(want, region, 1)), (mag, offset)
+
+
+def test_passes_with_little_work_use_the_numpy_kernels(pyramids, tmp_path, monkeypatch):
+    """A 20x20x10 refresh (and the small passes of a run) must not pay for loading numba; a
+    pass of many voxels must use it. The two kernels give the same bytes (test_reduce.py)."""
+    from beam_downsample import job
+
+    dataset = load_dataset(str(pyramids["zarr3"]))
+    small = job.plan_job(dataset, job.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    assert all(not config.compiled for plan in small for config in plan.configs)
+    monkeypatch.setattr(job, "COMPILED_MIN_VOXELS", 1000)
+    full = job.plan_job(dataset, job.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    assert all(plan.configs[0].compiled for plan in full)
