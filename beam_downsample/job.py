@@ -421,6 +421,21 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
                     resuming = False
 
 
+def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
+    """Warnings for refreshes of these layers that were interrupted and not rerun: their
+    mags are partly refreshed until the same `--bbox` runs again (one listing per layer)."""
+    warnings = []
+    for plan in plans:
+        names = storage.list_names(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
+        for box in refresh.interrupted(names):
+            if box != plan.refresh_box:
+                warnings.append(
+                    f"layer {plan.layer.name!r}: a --bbox {refresh.box_text(box)} refresh was interrupted, so its "
+                    f"mags are partly refreshed; rerun it: --bbox {refresh.box_text(box)}"
+                )
+    return warnings
+
+
 def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     """Every file the run will create or replace outside the pass configs (which
     already built theirs through `storage.join_inside`) is checked before the

@@ -104,6 +104,21 @@ def align_with(all_layers: Iterable[Layer], selected: Iterable[str]) -> set[Mag]
     return mags
 
 
+SUFFIX = "_refresh_"
+
+
 def marker_suffix(box: Box) -> str:
     """Markers of a refresh are only reused by a refresh of the same box."""
-    return "_refresh_" + "_".join(f"{a}-{b}" for a, b in zip(box.start, box.stop))
+    return SUFFIX + "_".join(f"{a}-{b}" for a, b in zip(box.start, box.stop))
+
+
+def interrupted(names: Iterable[str]) -> list[Box]:
+    """The boxes of the refreshes whose pass directories `names` (of a layer's state
+    directory) are left: refreshes that did not finish."""
+    found = set()
+    for name in names:
+        match = re.search(re.escape(SUFFIX) + r"(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)_(-?\d+)-(-?\d+)$", name)
+        if match:
+            v = [int(g) for g in match.groups()]
+            found.add(Box((v[0], v[2], v[4]), (v[1], v[3], v[5])))
+    return sorted(found, key=lambda b: (b.start, b.stop))

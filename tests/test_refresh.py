@@ -302,6 +302,9 @@ def test_refresh_killed_mid_pass_then_rerun_equals_full_recompute(segmentation, 
     finally:
         kill_group(proc)
     assert hit and running, "the refresh ended before it could be killed"
+    for other in ((), ("--bbox", "0,0,0,10,10,10")):  # a plain run, another box: told to rerun this one
+        told = run_cli(stale, *other, *KILL_ARGS, "--dry-run")
+        assert told.returncode == 0 and "--bbox 100,50,10,300,250,90 refresh was interrupted" in told.stderr, told
     rerun = run_cli(stale, *box, *KILL_ARGS)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming:" in rerun.stderr, rerun.stderr

@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine.MachineError, refresh.RefreshError) as error:
         return _fail(str(error))
     print(job.describe(plans))
+    for warning in job.interrupted_refreshes(dataset, plans):
+        _warn(warning)
     if _flag_value("dry-run"):
         if sized is not None:
             print(sized.describe(job.pass_sizes(plans)))
