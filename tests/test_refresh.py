@@ -82,10 +82,12 @@ def pyramids(tmp_path_factory):
     return made
 
 
-def stale_copy(pyramid, box6, target, data_format: str):
-    """mag 1 edited inside the box, every other mag as it was before the edit (stale)."""
-    demo.write_dataset(str(target), edited_layers(box6), VOXEL_SIZE, name="ds", data_format=data_format)
-    for layer in ("color", "segmentation"):
+def copy_pyramid(pyramid, target) -> None:
+    """Every mag but mag 1, the layers' metadata and the properties of `pyramid` into `target`
+    (whose mag 1 was written with edited data): a pyramid made before the edit (stale)."""
+    for layer in os.listdir(pyramid):
+        if not (pyramid / layer).is_dir():
+            continue
         for name in os.listdir(pyramid / layer):
             if name == "1":
                 continue
@@ -94,6 +96,12 @@ def stale_copy(pyramid, box6, target, data_format: str):
                 shutil.rmtree(dest)
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
     shutil.copy2(pyramid / "datasource-properties.json", target / "datasource-properties.json")
+
+
+def stale_copy(pyramid, box6, target, data_format: str):
+    """mag 1 edited inside the box, every other mag as it was before the edit (stale)."""
+    demo.write_dataset(str(target), edited_layers(box6), VOXEL_SIZE, name="ds", data_format=data_format)
+    copy_pyramid(pyramid, target)
     return target
 
 
@@ -280,11 +288,7 @@ def test_refresh_killed_mid_pass_then_rerun_equals_full_recompute(segmentation, 
     run_ok(base, *KILL_ARGS)
     stale = tmp_path / "stale"
     demo.write_dataset(str(stale), edited, VOXEL_SIZE, name="ds")
-    for name in os.listdir(base / "segmentation"):
-        if name != "1":
-            source = base / "segmentation" / name
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, stale / "segmentation" / name)
-    shutil.copy2(base / "datasource-properties.json", stale / "datasource-properties.json")
+    copy_pyramid(base, stale)
     expected = tmp_path / "expected"
     demo.write_dataset(str(expected), edited, VOXEL_SIZE, name="ds")
     run_ok(expected, *KILL_ARGS)
@@ -349,11 +353,7 @@ def test_big_box_over_a_sparse_layer_plans_by_the_data_and_clears_erased_blocks(
     run_ok(base)
     stale = tmp_path / "stale"
     demo.write_sparse_dataset(str(stale), SPARSE_SIZE, sparse_layers(False, True), VOXEL_SIZE)
-    for name in os.listdir(base / "segmentation"):
-        if name != "1":
-            source = base / "segmentation" / name
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, stale / "segmentation" / name)
-    shutil.copy2(base / "datasource-properties.json", stale / "datasource-properties.json")
+    copy_pyramid(base, stale)
     expected = tmp_path / "expected"
     demo.write_sparse_dataset(str(expected), SPARSE_SIZE, sparse_layers(False, True), VOXEL_SIZE)
     run_ok(expected)
