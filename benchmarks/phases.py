@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from beam_downsample import io, job, machine, sizing, work  # noqa: E402
+from beam_downsample import io, job, jobplan, machine, seeds, sizing, work  # noqa: E402
 from beam_downsample.launch import runners  # noqa: E402
 from beam_downsample.properties import load_dataset  # noqa: E402
 
@@ -62,8 +62,8 @@ def plan(path: str):
     work_s = sizing.work_seconds((layer.bbox.voxels, layer.dtype.itemsize * layer.num_channels)
                                  for layer in dataset.layers)
     sized = sizing.choose(here, "multiprocessing", None, None, work_s)
-    options = job.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
-    return dataset, job.plan_job(dataset, options), sized
+    options = jobplan.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
+    return dataset, jobplan.plan_job(dataset, options), sized
 
 
 def run_units_directly(plans) -> None:
@@ -105,10 +105,13 @@ def main() -> None:
             job.create_targets(dataset, plans)
             engine = runners.sized(runners.plan_engine("multiprocessing", None, []), sized)
             runner = engine.runner
-            for index, _, units, configs in job._passes(plans):  # pylint: disable=protected-access
-                pass_runner, options, configs = runner.for_pass(len(units), configs)
+            for index, active, configs in jobplan.each_pass(plans):
+                grids = [p.grids[index] for p in active]
+                planned = jobplan.pass_units(plans, index)
+                pass_seeds = [s for g, i in zip(grids, planned) for s in seeds.make_seeds(g, i)]
+                pass_runner, options, configs = runner.for_pass(sum(map(len, planned)), configs)
                 result = clock.time("pass (Beam, in-process, same units)", job._run_pass,  # pylint: disable=protected-access
-                                    index, units, configs, pass_runner, options, True)
+                                    index, pass_seeds, grids, configs, pass_runner, options, True)
                 result.wait_until_finish()
             # run_job again: every unit is marked done, so this is the listing and clean-up alone.
             clock.time("list mags + clean up", job.run_job, dataset, plans, runner, None, lambda *a: None,

@@ -30,7 +30,7 @@ import tempfile
 
 import tensorstore as ts
 
-from beam_downsample import io, job, planning, work
+from beam_downsample import io, jobplan, planning, work
 from beam_downsample.properties import load_dataset
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     import_seconds = time.perf_counter() - _STARTED
     import_cpu = time.process_time() - _STARTED_CPU
     dataset = load_dataset(args.dataset)
-    plans = job.plan_job(dataset, job.JobOptions(jobs=1))
+    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=1))
     spec = {**io.context_spec(), **json.loads(args.context)}
     context = ts.Context(spec)
     watch = Stopwatch()

@@ -21,7 +21,7 @@ from conftest import run_cli, tree_digest
 from refresh_helpers import assert_same_pyramid, mag_voxels
 from resilience_helpers import kill_group, start_cli, wait_until
 
-from beam_downsample import demo, io
+from beam_downsample import demo, io, jobplan
 from beam_downsample.planning import Box, region_in_mag
 from beam_downsample.properties import load_dataset
 
@@ -380,11 +380,9 @@ def test_big_box_over_a_sparse_layer_plans_by_the_data_and_clears_erased_blocks(
 def test_passes_with_little_work_use_the_numpy_kernels(pyramids, tmp_path, monkeypatch):
     """A 20x20x10 refresh (and the small passes of a run) must not pay for loading numba; a
     pass of many voxels must use it. The two kernels give the same bytes (test_reduce.py)."""
-    from beam_downsample import job
-
     dataset = load_dataset(str(pyramids["zarr3"]))
-    small = job.plan_job(dataset, job.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    small = jobplan.plan_job(dataset, jobplan.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
     assert all(not config.compiled for plan in small for config in plan.configs)
-    monkeypatch.setattr(job, "COMPILED_MIN_VOXELS", 1000)
-    full = job.plan_job(dataset, job.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    monkeypatch.setattr(jobplan, "COMPILED_MIN_VOXELS", 1000)
+    full = jobplan.plan_job(dataset, jobplan.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
     assert all(plan.configs[0].compiled for plan in full)

@@ -26,7 +26,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from beam_downsample import demo, io, job, locks, markers, planning, work
+from beam_downsample import demo, io, job, jobplan, locks, markers, planning, work
 from beam_downsample.mags import mag_name, parse_mag
 from beam_downsample.properties import load_dataset
 from beam_downsample.storage import TEMP_PREFIX
@@ -48,7 +48,7 @@ STATE_DIR = ".beam-downsample"
 BIG_VOXEL_SIZE = (32.0, 32.0, 40.0)
 # 32 MiB per worker (964M: the launcher and 2 workers at 300 MiB, 2 units): many work units, 3 passes in all.
 BIG_ARGS = ("--memory-budget", "964M", "--distribution-strategy", "multiprocessing", "--jobs", "2")
-BIG_OPTIONS = job.JobOptions(memory_budget=964 << 20, jobs=2)
+BIG_OPTIONS = jobplan.JobOptions(memory_budget=964 << 20, jobs=2)
 SEQUENTIAL = ("--distribution-strategy", "sequential")
 
 
@@ -192,9 +192,9 @@ def unreadable_mags(path) -> list[str]:
 
 
 def plan_pinned(dataset, options=BIG_OPTIONS):
-    """job.plan_job as a run pinned to PINNED_CORES cores plans it."""
+    """jobplan.plan_job as a run pinned to PINNED_CORES cores plans it."""
     with mock.patch.object(job, "available_cores", lambda: len(pinned_cpus())):
-        return job.plan_job(dataset, options)
+        return jobplan.plan_job(dataset, options)
 
 
 def current_plans(path, options=BIG_OPTIONS):
@@ -266,7 +266,7 @@ def crash_chain(big_base, big_clean, tmp_path_factory):
     fresh = current_plans(target)
     pass1_dirs = [p.configs[0].marker_dir for p in fresh]
     pass2_dirs = [p.configs[1].marker_dir for p in fresh if len(p.configs) > 1]
-    assert sum(len(p.units[0]) for p in fresh) == 80 and len(pass2_dirs) == 2, job.describe(fresh)
+    assert sum(len(p.units[0]) for p in fresh) == 80 and len(pass2_dirs) == 2, jobplan.describe(fresh)
 
     started = {}
     locks = [os.path.join(target, STATE_DIR, f"{p.layer.name}.lock") for p in fresh]
@@ -579,7 +579,7 @@ def test_other_layer_run_leaves_this_runs_marker_dirs_alone(tiny_base, tiny_clea
     holds its lock; run D (color) runs start to end meanwhile. D must not touch A's state."""
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
-    plans = job.plan_job(dataset, job.JobOptions(layer_name="segmentation", jobs=1))
+    plans = jobplan.plan_job(dataset, jobplan.JobOptions(layer_name="segmentation", jobs=1))
     with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         job.create_targets(dataset, plans)
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
@@ -596,7 +596,7 @@ def test_other_layer_run_and_this_run_both_keep_their_mags(tiny_base, tiny_clean
     runs start to end and lists its mags; then A lists its own. Both layers' mags must stay listed."""
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
-    plans = job.plan_job(dataset, job.JobOptions(layer_name="segmentation", jobs=1))
+    plans = jobplan.plan_job(dataset, jobplan.JobOptions(layer_name="segmentation", jobs=1))
     with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
         assert other.returncode == 0, other.stderr
@@ -716,7 +716,7 @@ def test_unlisted_partial_mag_is_rebuilt(tiny_base, tiny_clean, tmp_path, junk, 
     else:
         _junk_stale_tensorstore_lock(mag_dir, target)
     if with_marker_dir:  # a run crashed after creating its marker directory: create_targets "resumes"
-        plans = current_plans(target, job.JobOptions(jobs=1))
+        plans = current_plans(target, jobplan.JobOptions(jobs=1))
         os.makedirs(plans[0].configs[0].marker_dir)
     assert not lists_mag(target, "color", (2, 2, 1))
     result = run_cli(target, *SEQUENTIAL)

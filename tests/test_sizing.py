@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from beam_downsample import demo, job, machine, planning, sizing
+from beam_downsample import demo, jobplan, machine, planning, sizing
 from beam_downsample.launch import cli
 from beam_downsample.mags import factor_between
 from conftest import tree_bytes, tree_digest
@@ -71,10 +71,10 @@ def test_every_combination_holds_or_is_refused(box):
             assert sized.processes <= box.cores and sized.processes != 1
         else:
             assert sized.processes == jobs
-        options = job.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
+        options = jobplan.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(job, "available_cores", lambda: box.cores)
-            budget_of_unit = job.unit_budget(options)
+            patch.setattr(jobplan, "available_cores", lambda: box.cores)
+            budget_of_unit = jobplan.unit_budget(options)
         for a_pass, bpv in itertools.product(PASSES, [1, 4, 8]):
             units = planning.plan_units("l", 0, a_pass, LAYER, bpv, budget_of_unit)
             processes, threads = sized.for_pass(len(units))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from beam_downsample import demo, job, markers, planning, reduce, seeds, stored
+from beam_downsample import demo, job, jobplan, markers, planning, reduce, seeds, stored
 from beam_downsample.launch import cli
 from beam_downsample.mags import mag_name
 from beam_downsample.planning import Box, UnitGrid
@@ -216,9 +216,9 @@ def test_fill_value_not_zero_plans_densely(tmp_path):
     meta_path.write_text(text)
     with pytest.raises(stored.Dense, match="fill value is 7"):
         stored.stored_boxes({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "color" / "1")}})
-    plans = job.plan_job(load_dataset(str(path)), job.JobOptions())
+    plans = jobplan.plan_job(load_dataset(str(path)), jobplan.JobOptions())
     assert plans[0].dense_reason and len(plans[0].planned[0]) == plans[0].grids[0].count
-    assert "planned densely: its fill value is 7" in job.describe(plans)
+    assert "planned densely: its fill value is 7" in jobplan.describe(plans)
 
 
 # ---------------------------------------------------------------------------
@@ -246,8 +246,8 @@ def units_near(grid, boxes):
 
 def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
     path, layers = sparse_base
-    plans = job.plan_job(load_dataset(str(path)),
-                         job.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    plans = jobplan.plan_job(load_dataset(str(path)),
+                         jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
     for plan in plans:
         grid = plan.grids[0]
         assert grid.count > 100_000 and len(plan.planned[0]) < 200, grid
@@ -256,7 +256,7 @@ def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
         assert set(plan.planned[0].tolist()) == needed
         # the shard listing alone names many more (512 units share a 1024^3 shard); the storage
         # statistics leave only the units holding chunks, e.g. the lonely chunk's unit alone
-        by_shard, _ = job.source_units(plan.configs[0], grid, refine=False)
+        by_shard, _ = jobplan.source_units(plan.configs[0], grid, refine=False)
         assert len(by_shard) > 4 * len(needed)
         assert grid.index_of_starts(np.array([[50016, 10016, 3008]]))[0] in needed
     assert run(path, "--dry-run", "--coarsest-mag", "16-16-8", "--memory-budget", "256M") == 0
@@ -284,9 +284,9 @@ def test_sparse_run_matches_dense_numpy_pyramid(sparse_base, sparse_done):
 
 
 def test_sparse_run_used_several_passes(sparse_base):
-    plans = job.plan_job(load_dataset(str(sparse_base[0])),
-                         job.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
-    assert all(len(p.passes) >= 2 for p in plans), job.describe(plans)
+    plans = jobplan.plan_job(load_dataset(str(sparse_base[0])),
+                         jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    assert all(len(p.passes) >= 2 for p in plans), jobplan.describe(plans)
 
 
 def test_nothing_stored_for_empty_space(sparse_base, sparse_done):
@@ -355,9 +355,9 @@ def test_dask_spreads_expanded_units_over_both_workers(segmentation, tmp_path):
                                     "data": np.ascontiguousarray(segmentation[:256, :256, :128])}], VOXEL_SIZE)
     engine = runners.plan_engine("dask", 2, [], None, str(path), 256 << 20, None)
     dataset = load_dataset(str(path))
-    plans = job.plan_job(dataset, job.JobOptions(jobs=2, memory_budget=256 << 20, worker_memory=engine.worker_memory))
+    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=2, memory_budget=256 << 20, worker_memory=engine.worker_memory))
     (plan,) = plans
-    assert len(plan.planned[0]) >= 8, job.describe(plans)
+    assert len(plan.planned[0]) >= 8, jobplan.describe(plans)
     job.create_targets(dataset, plans)
     config, grid = plan.configs[0], plan.grids[0]
     with engine.started() as (runner, options):

@@ -21,7 +21,7 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, locks, machine, reduce, refresh, sizing, storage
+from beam_downsample import job, jobplan, locks, machine, reduce, refresh, sizing, storage
 from beam_downsample.launch import runners
 from beam_downsample.machine import limit_malloc_arenas
 from beam_downsample.mags import MagError, parse_mag
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sized = _sizing(dataset, strategy, jobs, given_budget, box) if local else None
         if sized is not None:
             engine = runners.sized(engine, sized)
-        options = job.JobOptions(
+        options = jobplan.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
@@ -172,16 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker_cores=engine.worker_cores,
             bbox=box,
         )
-        plans = job.plan_job(dataset, options)
+        plans = jobplan.plan_job(dataset, options)
     except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
             machine.MachineError, refresh.RefreshError) as error:
         return _fail(str(error))
-    print(job.describe(plans))
-    for warning in job.interrupted_refreshes(dataset, plans):
+    print(jobplan.describe(plans))
+    for warning in jobplan.interrupted_refreshes(dataset, plans):
         _warn(warning)
     if _flag_value("dry-run"):
         if sized is not None:
-            print(sized.describe(job.pass_sizes(plans)))
+            print(sized.describe(jobplan.pass_sizes(plans)))
         print(engine.describe())
         return 0
     if not any(p.target_mags for p in plans):
