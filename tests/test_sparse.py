@@ -9,6 +9,7 @@ for every interpolation, and kill -9 + rerun of a sparse run.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from beam_downsample import demo, job, markers, planning, reduce, seeds, stored
+from beam_downsample import demo, io, job, markers, planning, reduce, seeds, stored, work
 from beam_downsample.launch import cli
 from beam_downsample.mags import mag_name
 from beam_downsample.planning import Box, UnitGrid
@@ -367,3 +368,85 @@ def test_dask_spreads_expanded_units_over_both_workers(segmentation, tmp_path):
     tallies = progress.read_tallies(config.marker_dir)
     assert sum(count for count, _, _ in tallies) == len(plan.planned[0])
     assert len({pid for _, pid, _ in tallies}) == 2, tallies  # both worker processes ran units
+
+
+# ---------------------------------------------------------------------------
+# inside a unit: only stored chunks are read, only data is written
+
+
+SMALL = (512, 512, 128)
+
+
+def small_sparse(path, segmentation):
+    """A 512x512x128 segmentation layer holding two blocks, one at an odd offset."""
+    dense = np.zeros(SMALL, dtype=np.uint32)
+    blocks = [((37, 70, 9), np.ascontiguousarray(segmentation[100:160, 50:90, 30:50])),
+              ((300, 260, 64), np.ascontiguousarray(segmentation[0:64, 0:64, 0:64]))]
+    for offset, data in blocks:
+        dense[tuple(slice(o, o + s) for o, s in zip(offset, data.shape))] = data
+    layers = [{"name": "segmentation", "category": "segmentation", "dtype": "uint32", "blocks": blocks}]
+    demo.write_sparse_dataset(str(path), SMALL, layers, VOXEL_SIZE)
+    return dense
+
+
+def test_stored_tiles_split_to_the_stored_chunks(segmentation, tmp_path):
+    dense = small_sparse(tmp_path / "ds", segmentation)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "ds" / "segmentation" / "1")}}
+    array = ts.open(spec, context=stored.probe_context()).result()
+    unit = Box((0, 0, 0), SMALL)
+    tiles = planning.split_box(unit, (32, 32, 32), 1 << 22)
+    read, absent = work.stored_tiles(array, tiles, (32, 32, 32))
+    # read and absent tiles partition the unit, on the 32^3 chunk grid
+    cover = np.zeros([s // 32 for s in SMALL], dtype=np.int64)
+    for tile in read + absent:
+        assert all(a % 32 == 0 for a in tile.start) and all(b % 32 == 0 for b in tile.stop), tile
+        cover[tuple(slice(a // 32, b // 32) for a, b in zip(tile.start, tile.stop))] += 1
+    assert (cover == 1).all()
+    # every chunk holding data (numpy: the stored ones, as tensorstore stores no all-zero chunk) is read
+    holds = dense.reshape(16, 32, 16, 32, 4, 32).any(axis=(1, 3, 5))
+    for tile in absent:
+        assert not holds[tuple(slice(a // 32, b // 32) for a, b in zip(tile.start, tile.stop))].any(), tile
+    # and little else: pieces of at most 64^3 around the data chunks
+    assert sum(t.voxels for t in read) <= 8 * int(holds.sum()) * 32**3 < unit.voxels // 4
+    assert len(tiles) < len(read) + len(absent)
+
+
+class PoisonedScratch(work.Scratch):
+    """Buffers that hold garbage when lent out, as reused memory may: nothing unset may be written."""
+
+    @contextlib.contextmanager
+    def borrow(self, kind, shape, dtype):
+        with super().borrow(kind, shape, dtype) as buffer:
+            buffer.fill(123)
+            yield buffer
+
+
+@pytest.mark.parametrize("skip_zeros", [True, False])
+def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
+    """skip_zeros on a fresh target writes only the tiles holding data; without it every
+    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact."""
+    path = tmp_path / "ds"
+    dense = small_sparse(path, segmentation)
+    dataset = load_dataset(str(path))
+    plans = job.plan_job(dataset, job.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    job.create_targets(dataset, plans)
+    (plan,) = plans
+    for index, config in enumerate(plan.configs):
+        context = ts.Context(io.context_spec())
+        source = io.open_array(config.source_spec, context, open=True)
+        targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+        if not skip_zeros:  # stale data everywhere
+            for level, target in zip(config.levels, targets):
+                target[io.region_index(level.region)].write(
+                    np.full((1, *level.region.shape), 7, dtype=np.uint32)).result()
+        grid = plan.grids[index]
+        for unit in grid.units(grid.all_indices()):
+            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros)
+    pyramid = reference_pyramid(dense[None], (1, 1, 1), (0, 0, 0), SMALL, PYRAMID_16, "mode")
+    for mag, (start, expected) in pyramid.items():
+        got = read_window(str(path), "segmentation", mag, "zarr3", [0, 0, 0], list(expected.shape[1:]))
+        np.testing.assert_array_equal(got, expected, err_msg=mag_name(mag))
+    # nothing is stored away from the blocks (mag 2-2-1: they lie at z < 30 or x >= 150)
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                     "path": str(path / "segmentation" / "2-2-1")}}).result()
+    assert array[:, 0:128, 0:128, 64:128].storage_statistics(query_not_stored=True).result().not_stored
