@@ -46,9 +46,10 @@ class DownsampleUnitFn(beam.DoFn):
             source = io.open_array(config.source_spec, context, open=True)
             targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
             self._arrays[key] = (source, targets)
-            # storage statistics go to a second handle that caches shard indices (the reading one caches nothing)
+            # storage statistics go to a second handle that caches shard indices (the reading one caches
+            # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
             self._probes[key] = source if config.source_spec["driver"] == "wkw" else io.open_array(
-                config.source_spec, probe_context, open=True)
+                config.source_spec, probe_context, open=True, recheck_cached_data=False)
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
