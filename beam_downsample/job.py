@@ -175,8 +175,9 @@ def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tup
     source mag: (indices, None), or (every index, why) where a listing cannot tell.
 
     Where a stored key covers several units (a 1024^3 shard, a wkw file) and
-    the candidates are few, each is checked with tensorstore's storage
-    statistics (shard indices only, no data read), all requests at once.
+    the candidates are few, a sharded zarr3 source lists the chunks each
+    stored shard holds (one read of its index), others check each candidate
+    with tensorstore's storage statistics (no data read), all at once.
     """
     try:
         starts, stops = stored.stored_boxes(config.source_spec)
@@ -184,7 +185,10 @@ def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tup
         return grid.all_indices(), str(reason)
     indices = grid.overlapping(starts, stops)
     if refine and 0 < len(indices) <= REFINE_LIMIT and config.source_spec["driver"] != "wkw":
-        indices = _refine(config, grid, indices)
+        chunks = None
+        if config.source_spec["driver"] == "zarr3":
+            chunks = stored.stored_chunk_boxes(config.source_spec, starts)
+        indices = grid.overlapping(*chunks) if chunks is not None else _refine(config, grid, indices)
     return indices, None
 
 
