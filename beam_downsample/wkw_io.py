@@ -185,28 +185,29 @@ def holds_data(path: str) -> bool:
     data, so only its data extents (SEEK_DATA / SEEK_HOLE) are read; holes read
     as zeros. Where the file system cannot tell, the whole file is read.
     """
-    with open(path, "rb") as handle:
-        header = handle.read(16)
-        data_offset = int.from_bytes(header[8:16], "little")
-        fd, size = handle.fileno(), os.fstat(handle.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY)  # pread only: lseek(SEEK_DATA) moves the offset under any buffered reader
+    try:
+        data_offset = int.from_bytes(os.pread(fd, 16, 0)[8:16], "little")
+        size = os.fstat(fd).st_size
         offset = data_offset
         while offset < size:
             try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
+                start = max(os.lseek(fd, offset, os.SEEK_DATA), data_offset)
                 stop = os.lseek(fd, start, os.SEEK_HOLE)
             except OSError as error:
                 if error.errno == errno.ENXIO:  # nothing but a hole is left
                     return False
                 start, stop = offset, size  # no SEEK_DATA here: read it all
-            handle.seek(start)
             while start < stop:
-                piece = handle.read(min(stop - start, 64 << 20))
+                piece = os.pread(fd, min(stop - start, 64 << 20), start)
                 if not piece:
                     break
                 if np.frombuffer(piece, dtype=np.uint8).any():
                     return True
                 start += len(piece)
             offset = max(stop, offset + 1)
+    finally:
+        os.close(fd)
     return False
 
 

@@ -519,6 +519,12 @@ def test_all_zero_wkw_staging_files_become_no_files(tmp_path):
     mag.write(Box((1024 + 512, 480, 992), (1024 + 544, 512, 1024)), one)
     assert not wkw_io.holds_data(os.path.join(staging, "z0", "y0", "x0.wkw"))
     assert wkw_io.holds_data(os.path.join(staging, "z0", "y0", "x1.wkw"))
+    near = str(tmp_path / "near")  # data right after the header, in the first extent
+    wkw_io.create(str(tmp_path / "near-final"), np.dtype("int16"), 1, near)
+    wkw_io.create_staging_files(near, Box((3, 5, 7), (43, 41, 19)))
+    wkw_io.WkwMag(str(tmp_path / "near-final"), near).write(Box((3, 5, 7), (43, 41, 19)),
+                                                             np.full((1, 40, 36, 12), 1234, np.int16))
+    assert wkw_io.holds_data(os.path.join(near, "z0", "y0", "x0.wkw"))
     os.makedirs(os.path.join(final, "z0", "y0"))
     shutil.copy(os.path.join(staging, "z0", "y0", "x1.wkw"), os.path.join(final, "z0", "y0", "x0.wkw"))  # stale
     wkw_io.compress_staged([(staging, final, region)])
