@@ -16,6 +16,7 @@ staging file into the final LZ4HC file after the pass (atomic rename).
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 from typing import Iterator, Sequence
 
@@ -165,7 +166,8 @@ COMPRESS_THREADS = 4  # at most: 4 x 2 x 128 MiB stays inside the default 2G bud
 
 def compress_staged(mags: Sequence[tuple[str, str, Box]], threads: int = 1) -> int:
     """Compresses every staging file of every `(staging, path, region)` mag into its
-    final place and deletes it; returns the file count. All files of all mags share
+    final place and deletes it; returns the file count. A staging file that holds
+    only zeros becomes no file (nothing is stored for empty space). All files of all mags share
     one thread pool (the wkw library releases the GIL while compressing).
 
     Each file is compressed into a temp copy inside the staging area and renamed,
@@ -184,8 +186,13 @@ def compress_staged(mags: Sequence[tuple[str, str, Box]], threads: int = 1) -> i
         temp = os.path.join(staging + ".lz4hc", relative)
         if os.path.exists(temp):
             os.unlink(temp)  # left by a crashed compression
-        compress_file(staging, relative, region)
         target = os.path.join(path, relative)
+        if not holds_data(os.path.join(staging, relative)):  # all zero: no file, as a missing file reads as 0
+            if os.path.exists(target):
+                os.unlink(target)
+            os.unlink(os.path.join(staging, relative))
+            return
+        compress_file(staging, relative, region)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(temp, target)
         os.unlink(os.path.join(staging, relative))
@@ -194,6 +201,39 @@ def compress_staged(mags: Sequence[tuple[str, str, Box]], threads: int = 1) -> i
         for future in [pool.submit(compress, *item) for item in files]:
             future.result()
     return len(files)
+
+
+def holds_data(path: str) -> bool:
+    """True if the raw (staging) wkw file at `path` holds a byte other than 0 after its header.
+
+    A staging file is sparse on disk: units write only the tiles that hold
+    data, so only its data extents (SEEK_DATA / SEEK_HOLE) are read; holes read
+    as zeros. Where the file system cannot tell, the whole file is read.
+    """
+    fd = os.open(path, os.O_RDONLY)  # pread only: lseek(SEEK_DATA) moves the offset under any buffered reader
+    try:
+        data_offset = int.from_bytes(os.pread(fd, 16, 0)[8:16], "little")
+        size = os.fstat(fd).st_size
+        offset = data_offset
+        while offset < size:
+            try:
+                start = max(os.lseek(fd, offset, os.SEEK_DATA), data_offset)
+                stop = os.lseek(fd, start, os.SEEK_HOLE)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # nothing but a hole is left
+                    return False
+                start, stop = offset, size  # no SEEK_DATA here: read it all
+            while start < stop:
+                piece = os.pread(fd, min(stop - start, 64 << 20), start)
+                if not piece:
+                    break
+                if np.frombuffer(piece, dtype=np.uint8).any():
+                    return True
+                start += len(piece)
+            offset = max(stop, offset + 1)
+    finally:
+        os.close(fd)
+    return False
 
 
 def compress_file(staging: str, relative: str, region: Box) -> None:

@@ -10,6 +10,7 @@ read back must equal the local file byte for byte.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -406,3 +407,39 @@ def test_gcs_bbox_refresh_equals_full_recompute(emulator, local_dataset, tmp_pat
         (got / name).parent.mkdir(parents=True, exist_ok=True)
         (got / name).write_bytes(content)
     assert_same_pyramid(got, expected)
+
+
+def test_planning_requests_grow_with_the_data_not_the_box(emulator, tmp_path):
+    """The same four blocks in a 16384x16384x2048 box and in a 4x larger one: `--dry-run`
+    sends the same requests (counted by benchmarks/gcs_requests.py's proxy), with one
+    GET per stored source shard for the chunk-level plan (no per-unit requests)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gcs_requests  # pylint: disable=import-outside-toplevel
+
+    counter = gcs_requests.Counter()
+    prefix = {"name": ""}
+    proxy = gcs_requests.make_proxy({"url": emulator}, counter, lambda: prefix["name"])
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")}
+    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+    totals, plans = [], []
+    try:
+        for size in ((16384, 16384, 2048), (32768, 32768, 2048)):
+            local = tmp_path / f"ds{size[0]}"
+            gcs_requests.write_dataset(str(local), size)
+            shards = len([n for n in tree_bytes(local) if "/1/c/" in n])
+            prefix["name"] = f"requests{size[0]}"
+            url = upload(local, prefix["name"])
+            counter.counts.clear()
+            result = subprocess.run([sys.executable, "-m", "beam_downsample", url, "--dry-run", "--memory-budget",
+                                     "256M", "--coarsest-mag", "64-64-32"], capture_output=True, text=True,
+                                    env=env, timeout=300, check=False)
+            assert result.returncode == 0, result.stderr
+            plans.append(re.findall(r"\(([\d,]+ of [\d,]+) work units hold data\)", result.stdout))
+            source_gets = sum(v for (_, kind, what), v in counter.counts.items() if (kind, what) == ("GET", "source mag"))
+            assert source_gets == shards, (source_gets, shards, dict(counter.counts))
+            totals.append(sum(counter.counts.values()))
+    finally:
+        proxy.shutdown()
+    assert totals[0] == totals[1] and totals[0] < 100, totals
+    assert plans[0][0].split(" of ")[0] == plans[1][0].split(" of ")[0], plans

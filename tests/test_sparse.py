@@ -9,6 +9,7 @@ for every interpolation, and kill -9 + rerun of a sparse run.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from beam_downsample import demo, job, jobplan, markers, planning, reduce, seeds, stored
+from beam_downsample import demo, io, job, jobplan, markers, planning, reduce, seeds, stored, work
 from beam_downsample.launch import cli
 from beam_downsample.mags import mag_name
 from beam_downsample.planning import Box, UnitGrid
@@ -367,3 +368,188 @@ def test_dask_spreads_expanded_units_over_both_workers(segmentation, tmp_path):
     tallies = progress.read_tallies(config.marker_dir)
     assert sum(count for count, _, _ in tallies) == len(plan.planned[0])
     assert len({pid for _, pid, _ in tallies}) == 2, tallies  # both worker processes ran units
+
+
+# ---------------------------------------------------------------------------
+# inside a unit: only stored chunks are read, only data is written
+
+
+SMALL = (512, 512, 128)
+
+
+def small_sparse(path, segmentation):
+    """A 512x512x128 segmentation layer holding two blocks, one at an odd offset."""
+    dense = np.zeros(SMALL, dtype=np.uint32)
+    blocks = [((37, 70, 9), np.ascontiguousarray(segmentation[100:160, 50:90, 30:50])),
+              ((300, 260, 64), np.ascontiguousarray(segmentation[0:64, 0:64, 0:64]))]
+    for offset, data in blocks:
+        dense[tuple(slice(o, o + s) for o, s in zip(offset, data.shape))] = data
+    layers = [{"name": "segmentation", "category": "segmentation", "dtype": "uint32", "blocks": blocks}]
+    demo.write_sparse_dataset(str(path), SMALL, layers, VOXEL_SIZE)
+    return dense
+
+
+def test_stored_tiles_split_to_the_stored_chunks(segmentation, tmp_path):
+    dense = small_sparse(tmp_path / "ds", segmentation)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "ds" / "segmentation" / "1")}}
+    array = ts.open(spec, context=stored.probe_context()).result()
+    unit = Box((0, 0, 0), SMALL)
+    tiles = planning.split_box(unit, (32, 32, 32), 1 << 22)
+    read, absent = work.stored_tiles(array, tiles, (32, 32, 32))
+    # read and absent tiles partition the unit, on the 32^3 chunk grid
+    cover = np.zeros([s // 32 for s in SMALL], dtype=np.int64)
+    for tile in read + absent:
+        assert all(a % 32 == 0 for a in tile.start) and all(b % 32 == 0 for b in tile.stop), tile
+        cover[tuple(slice(a // 32, b // 32) for a, b in zip(tile.start, tile.stop))] += 1
+    assert (cover == 1).all()
+    # every chunk holding data (numpy: the stored ones, as tensorstore stores no all-zero chunk) is read
+    holds = dense.reshape(16, 32, 16, 32, 4, 32).any(axis=(1, 3, 5))
+    for tile in absent:
+        assert not holds[tuple(slice(a // 32, b // 32) for a, b in zip(tile.start, tile.stop))].any(), tile
+    # and little else: pieces of at most 64^3 around the data chunks
+    assert sum(t.voxels for t in read) <= 8 * int(holds.sum()) * 32**3 < unit.voxels // 4
+    assert len(tiles) < len(read) + len(absent)
+
+
+class PoisonedScratch(work.Scratch):
+    """Buffers that hold garbage when lent out, as reused memory may: nothing unset may be written."""
+
+    @contextlib.contextmanager
+    def borrow(self, kind, shape, dtype):
+        with super().borrow(kind, shape, dtype) as buffer:
+            buffer.fill(123)
+            yield buffer
+
+
+@pytest.mark.parametrize("skip_zeros", [True, False])
+def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
+    """skip_zeros on a fresh target writes only the tiles holding data; without it every
+    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact."""
+    path = tmp_path / "ds"
+    dense = small_sparse(path, segmentation)
+    dataset = load_dataset(str(path))
+    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    job.create_targets(dataset, plans)
+    (plan,) = plans
+    for index, config in enumerate(plan.configs):
+        context = ts.Context(io.context_spec())
+        source = io.open_array(config.source_spec, context, open=True)
+        targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+        if not skip_zeros:  # stale data everywhere
+            for level, target in zip(config.levels, targets):
+                target[io.region_index(level.region)].write(
+                    np.full((1, *level.region.shape), 7, dtype=np.uint32)).result()
+        grid = plan.grids[index]
+        for unit in grid.units(grid.all_indices()):
+            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros)
+    pyramid = reference_pyramid(dense[None], (1, 1, 1), (0, 0, 0), SMALL, PYRAMID_16, "mode")
+    for mag, (start, expected) in pyramid.items():
+        got = read_window(str(path), "segmentation", mag, "zarr3", [0, 0, 0], list(expected.shape[1:]))
+        np.testing.assert_array_equal(got, expected, err_msg=mag_name(mag))
+    # nothing is stored away from the blocks (mag 2-2-1: they lie at z < 30 or x >= 150)
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                     "path": str(path / "segmentation" / "2-2-1")}}).result()
+    assert array[:, 0:128, 0:128, 64:128].storage_statistics(query_not_stored=True).result().not_stored
+
+
+# ---------------------------------------------------------------------------
+# wkw: files of 1024^3, listed by name; all-zero files are never written
+
+WKW_SIZE = (16384, 16384, 2048)
+
+
+def wkw_blocks(segmentation):
+    """All inside the mag-1 file (1, 1, 0), so that the run reads one file per layer: a real
+    block, a tiny one at an odd offset straddling unit boundaries, and a lone chunk."""
+    return [
+        ((1100, 1200, 100), np.ascontiguousarray(segmentation[0:96, 0:80, 0:64])),
+        ((1531, 1529, 509), np.ascontiguousarray(segmentation[100:121, 50:67, 30:39])),
+        ((1984, 1056, 960), np.ascontiguousarray(segmentation[300:332, 300:332, 300:332])),
+    ]
+
+
+def test_sparse_wkw(segmentation, tmp_path):
+    """One uint8 layer: a wkw file holding data is compressed whole (1 GiB per file and mag
+    here, mostly zeros), which is what a uint32 layer would make five times slower."""
+    path = tmp_path / "ds"
+    layers = [{"name": "color", "category": "color", "dtype": "uint8",
+               "blocks": [(o, demo.render_color(d)) for o, d in wkw_blocks(segmentation)]}]
+    demo.write_sparse_dataset(str(path), WKW_SIZE, layers, VOXEL_SIZE, "wkw")
+    # units of 128^3: the tiny block straddles 8 of them
+    assert run(path, "--distribution-strategy", "sequential", "--coarsest-mag", "16-16-8",
+               "--memory-budget", "256M") == 0
+    check_sparse(path, layers, "wkw")
+    for spec, mag in itertools.product(layers, PYRAMID_16):
+        for corner in ((8000, 8000, 1500), (15000, 100, 100), (100, 15000, 2000), (1100, 1200, 1500)):
+            low = [c // m for c, m in zip(corner, mag)]
+            high = [a + 40 for a in low]
+            assert not read_window(str(path), spec["name"], mag, "wkw", low, high).any(), (spec["name"], mag, corner)
+        # files exactly where the mag holds data (numpy: the files of the pyramid's non-zero voxels)
+        expected = set()
+        interpolation = "mode" if spec["category"] == "segmentation" else "median"
+        for offset, data in spec["blocks"]:
+            start, stop = window_of(offset, data.shape)
+            dense = np.zeros([b - a for a, b in zip(start, stop)], dtype=data.dtype)
+            dense[tuple(slice(o - a, o - a + s) for o, a, s in zip(offset, start, data.shape))] = data
+            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, [b - a for a, b in zip(start, stop)],
+                                        PYRAMID_16, interpolation)
+            low, reduced = pyramid[mag]
+            positions = np.argwhere(reduced[0]) + np.array(low)
+            expected.update(map(tuple, np.unique(positions // 1024, axis=0).tolist()))
+        root = path / spec["name"] / mag_name(mag)
+        found = {tuple(int(p[1:].split(".")[0]) for p in reversed(os.path.relpath(f, root).split(os.sep)))
+                 for f in glob.glob(str(root / "z*" / "y*" / "x*.wkw"))}
+        assert found == expected, (spec["name"], mag)
+
+
+def test_all_zero_wkw_staging_files_become_no_files(tmp_path):
+    """A staging file holding only zeros (written or holes) leaves no file, and removes a
+    stale one; a file with one voxel set deep inside (after holes) is compressed."""
+    from beam_downsample import wkw_io  # pylint: disable=import-outside-toplevel
+    import wkw  # pylint: disable=import-outside-toplevel
+
+    final, staging = str(tmp_path / "mag"), str(tmp_path / "staging")
+    wkw_io.create(final, np.dtype("uint8"), 1, staging)
+    region = Box((0, 0, 0), (2048, 1024, 1024))
+    wkw_io.create_staging_files(staging, region, [(0, 0, 0), (1, 0, 0)])
+    mag = wkw_io.WkwMag(final, staging)
+    mag.write(Box((0, 0, 0), (64, 64, 64)), np.zeros((1, 64, 64, 64), np.uint8))  # zeros, not holes
+    one = np.zeros((1, 32, 32, 32), np.uint8)
+    one[0, 5, 6, 7] = 9
+    mag.write(Box((1024 + 512, 480, 992), (1024 + 544, 512, 1024)), one)
+    assert not wkw_io.holds_data(os.path.join(staging, "z0", "y0", "x0.wkw"))
+    assert wkw_io.holds_data(os.path.join(staging, "z0", "y0", "x1.wkw"))
+    near = str(tmp_path / "near")  # data right after the header, in the first extent
+    wkw_io.create(str(tmp_path / "near-final"), np.dtype("int16"), 1, near)
+    wkw_io.create_staging_files(near, Box((3, 5, 7), (43, 41, 19)))
+    wkw_io.WkwMag(str(tmp_path / "near-final"), near).write(Box((3, 5, 7), (43, 41, 19)),
+                                                             np.full((1, 40, 36, 12), 1234, np.int16))
+    assert wkw_io.holds_data(os.path.join(near, "z0", "y0", "x0.wkw"))
+    os.makedirs(os.path.join(final, "z0", "y0"))
+    shutil.copy(os.path.join(staging, "z0", "y0", "x1.wkw"), os.path.join(final, "z0", "y0", "x0.wkw"))  # stale
+    wkw_io.compress_staged([(staging, final, region)])
+    assert sorted(glob.glob(os.path.join(final, "z*", "y*", "x*.wkw"))) == [os.path.join(final, "z0", "y0", "x1.wkw")]
+    got = wkw.Dataset.open(final).read((1024 + 512 - 32, 480 - 32, 992 - 32), (96, 64, 64))
+    assert got.sum() == 9 and got[0, 32 + 5, 32 + 6, 32 + 7] == 9
+
+
+def test_sparse_multiprocessing_two_workers(sparse_base, tmp_path, monkeypatch):
+    """The default strategy with --jobs 2: worker processes expand the seeds and skip empty
+    tiles and units on their own; the result equals the dense numpy pyramid."""
+    from beam_downsample.launch import runners  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "ds"
+    shutil.copytree(sparse_base[0], path)
+    processes = []
+    for_pass = runners.LocalPasses.for_pass
+
+    def recorded(self, units, *args, **kwargs):
+        runner, options, configs = for_pass(self, units, *args, **kwargs)
+        processes.append(options.view_as(beam.options.pipeline_options.DirectOptions).direct_num_workers)
+        return runner, options, configs
+
+    monkeypatch.setattr(runners.LocalPasses, "for_pass", recorded)
+    assert run(path, "--jobs", "2", "--coarsest-mag", "16-16-8", "--memory-budget", "1G") == 0
+    assert processes and processes[0] == 2, processes
+    check_sparse(path, sparse_base[1], "zarr3")
+    far_boxes_read_zero(path, "zarr3")

@@ -39,10 +39,16 @@ class DownsampleUnitFn(beam.DoFn):
     def setup(self) -> None:
         context = ts.Context(io.context_spec())
         self._arrays = {}
+        self._probes = {}
+        probe_context = stored.probe_context()
         for key, config in self._configs.items():
             source = io.open_array(config.source_spec, context, open=True)
             targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
             self._arrays[key] = (source, targets)
+            # storage statistics go to a second handle that caches shard indices (the reading one caches
+            # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
+            self._probes[key] = source if config.source_spec["driver"] == "wkw" else io.open_array(
+                config.source_spec, probe_context, open=True, recheck_cached_data=False)
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
@@ -64,13 +70,15 @@ class DownsampleUnitFn(beam.DoFn):
         source, targets = self._arrays[(unit.layer, unit.pass_index)]
         workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
         try:
-            if not config.refresh and stored.box_not_stored(source, unit.box):
+            probe = self._probes[(unit.layer, unit.pass_index)]
+            if not config.refresh and stored.box_not_stored(probe, unit.box):
                 markers.mark_done(config, unit)
                 self._empty.inc()
                 self._tally.add()
                 yield unit.key
                 return
-            stats = work.run_unit(config, unit, source, targets, self._scratch)
+            # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
+            stats = work.run_unit(config, unit, source, targets, self._scratch, probe, skip_zeros=not config.refresh)
         except Exception as error:  # pylint: disable=broad-except
             if not self._record_failures:
                 raise
