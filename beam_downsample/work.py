@@ -13,6 +13,7 @@ import dataclasses
 import math
 import mmap
 import os
+import sys
 import threading
 from typing import Sequence
 
@@ -74,7 +75,11 @@ class Scratch:
         need = math.prod(shape) * np.dtype(dtype).itemsize
         with self._lock:
             free = self._free.setdefault(kind, [])
-            flat = free.pop() if free else None
+            flat = None
+            while free and flat is None:
+                flat = free.pop()
+                if sys.getrefcount(flat) > 2:  # (this name, the call's argument) + a view alive somewhere,
+                    flat = None  # e.g. a write that references it: never lent again, freed with the last view
         if flat is None or flat.nbytes < need:
             flat = small_page_buffer(need)
         try:
@@ -219,6 +224,6 @@ def start_level_writes(config: PassConfig, targets: Sequence, buffers: Sequence[
         written = unit_box.intersect(level.region)
         if written.empty:
             continue
-        pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)]))
+        pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)], keep_reference=True))
         voxels += written.voxels
     return pending, voxels

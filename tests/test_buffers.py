@@ -41,6 +41,7 @@ def test_scratch_lends_the_same_memory_again_and_grows_when_asked_for_more():
     with scratch.borrow("tile", (1, 256, 256, 32), np.uint32) as first:
         assert first.flags.f_contiguous and first.shape == (1, 256, 256, 32)
         address = first.ctypes.data
+    del first  # (a borrower that still holds the array keeps its memory from the next one)
     with scratch.borrow("tile", (1, 128, 256, 32), np.uint8) as again:
         assert again.ctypes.data == address
     with scratch.borrow("tile", (1, 512, 512, 32), np.uint32) as larger:
@@ -53,3 +54,36 @@ def test_the_launcher_leaves_the_collector_on_after_its_imports():
     code = "import gc; import beam_downsample.launch.cli; print(gc.isenabled())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
     assert gc.isenabled()
+
+
+def test_scratch_never_lends_memory_that_a_view_still_sees():
+    """A write that references a level buffer (keep_reference) may hold a view of it after
+    the unit: that memory must not be handed to the next unit."""
+    scratch = work.Scratch()
+    with scratch.borrow("level0", (1, 64, 64, 32), np.uint8) as first:
+        kept = first[:, 1:, :, :]  # what tensorstore may still hold
+        address = first.ctypes.data
+    del first
+    with scratch.borrow("level0", (1, 64, 64, 32), np.uint8) as second:
+        assert second.ctypes.data != address
+        second_address = second.ctypes.data
+    del second, kept
+    with scratch.borrow("level0", (1, 64, 64, 32), np.uint8) as third:
+        assert third.ctypes.data == second_address
+
+
+def test_writes_that_keep_a_reference_store_what_the_buffer_held(tmp_path):
+    import tensorstore as ts
+
+    from beam_downsample import io
+    from beam_downsample.planning import Box
+
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path)},
+                     "metadata": {"shape": [1, 64, 64, 64], "data_type": "uint16",
+                                  "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, 32, 32, 32]}}}},
+                    create=True).result()
+    data = np.asfortranarray(np.arange(64 ** 3, dtype=np.uint16).reshape(1, 64, 64, 64) % 1000)
+    expected = data.copy()
+    io.write_region(array, Box((0, 0, 0), (64, 64, 64)), data, keep_reference=True).result()
+    data[...] = 0  # after the commit the buffer is ours again
+    np.testing.assert_array_equal(array.read().result(), expected)
