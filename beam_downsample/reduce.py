@@ -12,6 +12,7 @@ block (y fastest, then x, then z), which is what the mode's tie-break needs.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -273,18 +274,70 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
 
 
 def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_at: Sequence[int],
-                   shape: Sequence[int], factor: Sequence[int], interpolation: str) -> None:
+                   shape: Sequence[int], factor: Sequence[int], interpolation: str, wait: bool = True) -> None:
     """Reduces the box of `src` at `src_at` into the box of `dst` at `dst_at`, shaped
     `shape` in output voxels. A compiled kernel reads and writes the whole arrays
-    in place (no copy of the box, no fresh pages, strides it can vectorise)."""
-    _kernel(interpolation)
-    fast = _compiled()
-    if fast is not None and tuple(factor) != (1, 1, 1) and fast.available(src, factor, interpolation, dst):
-        fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
-        return
+    in place (no copy of the box, no fresh pages, strides it can vectorise).
+
+    `wait=False`: a compiled kernel is used only once `prepare` has loaded it;
+    until then the numpy kernel (same result, bit for bit) does the work, so
+    that the caller never waits for numba's import and cache load."""
+    kernel = _kernel(interpolation)
+    if tuple(factor) != (1, 1, 1):
+        fast = _compiled() if wait else _prepared(interpolation, factor, src.dtype)
+        if fast is not None and fast.available(src, factor, interpolation, dst):
+            fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
+            return
     source = (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(src_at, shape, factor))
     target = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(dst_at, shape))
-    dst[target] = downsample(src[source], factor, interpolation)
+    if wait:
+        dst[target] = downsample(src[source], factor, interpolation)
+    else:
+        dst[target] = src[source].copy(order="K") if tuple(factor) == (1, 1, 1) else kernel(src[source], factor)
+
+
+# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader thread
+_LOADED: set = set()
+_LOADING: dict = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
+    """Loads the compiled kernels for these (interpolation, factor, dtype) on a background
+    thread: numba's import and cache load (~0.5 s, mostly holding the GIL) then overlap
+    the first reads instead of stalling every tile thread on numba's compiler lock."""
+    wanted = []
+    for interpolation, factor, dtype in kernels:
+        key = (interpolation, tuple(factor), np.dtype(dtype).str)
+        with _LOAD_LOCK:
+            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1):
+                continue
+            _LOADING[key] = True
+        wanted.append(key)
+    if wanted:
+        threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True).start()
+
+
+def _load(keys) -> None:
+    for interpolation, factor, dtype in keys:
+        try:
+            fast = _compiled()
+            sample = np.zeros((1, *(2 * f for f in factor)), dtype=np.dtype(dtype), order="F")
+            if fast is not None and fast.available(sample, factor, interpolation):
+                fast.downsample(sample, factor, interpolation)  # compiles or loads from the cache
+        finally:
+            with _LOAD_LOCK:
+                _LOADED.add((interpolation, factor, dtype))
+                _LOADING.pop((interpolation, factor, dtype), None)
+
+
+def _prepared(interpolation: str, factor: Sequence[int], dtype: np.dtype):
+    """The compiled module if `prepare` has loaded this kernel, else None (and loading starts)."""
+    key = (interpolation, tuple(factor), dtype.str)
+    if key not in _LOADED:
+        prepare([(interpolation, factor, dtype)])
+        return None
+    return _COMPILED[0] if _COMPILED else None
 
 
 def _kernel(interpolation: str):

@@ -128,6 +128,11 @@ def replicate_edges(data: np.ndarray, box: Box, region: Box) -> None:
             data[tuple(index)] = data[tuple(source)]
 
 
+def prepare_kernels(config: PassConfig, dtype: np.dtype) -> None:
+    """Starts loading the compiled kernels the pass's levels use (see `reduce.prepare`)."""
+    reduce.prepare([(config.interpolation, level.factor, dtype) for level in config.levels])
+
+
 def level_boxes(config: PassConfig, box: Box) -> list[Box]:
     """`box` in each level's voxels, in the order the pass makes the levels."""
     boxes = []
@@ -147,7 +152,7 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
         # input; replicating there is harmless: only voxels inside the region are written.
         index = io.local_index(box, unit_box)
         at = tuple(s.start for s in index[1:])
-        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation)
+        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation, wait=False)
         replicate_edges(buffer[index], box, level.region)
         source, source_at = buffer, at
 
@@ -171,6 +176,7 @@ def run_unit(
     stats = UnitStats(voxels_read=unit.box.voxels)
     unit_levels = level_boxes(config, unit.box)
     dtype = io.array_dtype(source)
+    prepare_kernels(config, dtype)
     tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
     with level_buffers(scratch, config, unit_levels, dtype) as buffers:
 

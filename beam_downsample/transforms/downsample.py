@@ -44,6 +44,7 @@ class DownsampleUnitFn(beam.DoFn):
             source = io.open_array(config.source_spec, context, open=True)
             targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
             self._arrays[key] = (source, targets)
+            work.prepare_kernels(config, io.array_dtype(source))  # loads while the first tiles are read
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
