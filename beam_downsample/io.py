@@ -369,10 +369,18 @@ def read_region(array, box: Box, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def write_region(array, box: Box, data: np.ndarray):
-    """Starts the write; `.result()` of the returned future waits for it."""
+def write_region(array, box: Box, data: np.ndarray, keep_reference: bool = False):
+    """Starts the write; `.result()` of the returned future waits for it.
+
+    `keep_reference`: tensorstore encodes straight from `data` instead of
+    copying it first (no second copy of every level in memory, no fresh
+    pages for it); `data` must then not change until the write committed,
+    and tensorstore may hold a view of it until then.
+    """
     if isinstance(array, wkw_io.WkwMag):
         return array.write(box, data)
+    if keep_reference:
+        return array[region_index(box)].write(data, can_reference_source_data_indefinitely=True)
     return array[region_index(box)].write(data)
 
 

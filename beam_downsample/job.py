@@ -144,10 +144,10 @@ def run_job(
                 pass_seeds = [s for cf, gr, t in zip(c, g, work.indices) for s in seeds.make_seeds(gr, t, cf.marker_dir)]
                 return _run_pass(i, pass_seeds, g, c, pass_runner, pass_options, record_failures)
 
-            with Progress(configs, total, label, report, done=total - remaining):
+            with Progress(configs, total, label, report, done=total - remaining) as bar:
                 result = supervise.run_pass(
                     index, Todo(todo), configs, start,
-                    lambda c=configs, g=grids, p=planned: Todo(unfinished(c, g, p)),
+                    lambda c=configs, g=grids, p=planned, b=bar: b.rerun(Todo(unfinished(c, g, p))),
                     pass_runner, pass_options, log=log,
                 )
             _collect_metrics(result, metrics)

@@ -89,6 +89,18 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def rerun(self, todo):
+        """Before a pass's units run again (workers died): what is done now comes from the
+        markers (`todo` is what is not, anything with a len), not from tallies. A worker
+        that was stopped with the abandoned run took its unwritten tally with it, and the
+        units it had finished are not run again, so tallies alone would never reach the total.
+        Returns `todo`."""
+        self._done = self._total - len(todo)
+        for directory in self._dirs:
+            storage.delete_tree(tally_dir(directory))
+            storage.makedirs(tally_dir(directory))
+        return todo
+
     def count(self) -> int:
         counted = sum(count for d in self._dirs for count, _, _ in read_tallies(d))
         return min(self._done + counted, self._total)

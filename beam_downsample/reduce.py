@@ -12,6 +12,7 @@ block (y fastest, then x, then z), which is what the mode's tie-break needs.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -273,22 +274,76 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
 
 
 def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_at: Sequence[int],
-                   shape: Sequence[int], factor: Sequence[int], interpolation: str, compiled: bool = True) -> None:
+                   shape: Sequence[int], factor: Sequence[int], interpolation: str, wait: bool = True,
+                   compiled: bool = True) -> None:
     """Reduces the box of `src` at `src_at` into the box of `dst` at `dst_at`, shaped
     `shape` in output voxels. A compiled kernel reads and writes the whole arrays
     in place (no copy of the box, no fresh pages, strides it can vectorise).
 
+    `wait=False`: a compiled kernel is used only once `prepare` has loaded it;
+    until then the numpy kernel (same result, bit for bit) does the work, so
+    that the caller never waits for numba's import and cache load.
     `compiled=False` (little work: loading numba and its cached kernels would cost
-    more than it saves) uses the numpy kernels unless numba is loaded already;
-    both give the same bytes."""
-    _kernel(interpolation)
-    fast = _compiled() if compiled or _COMPILED else None
-    if fast is not None and tuple(factor) != (1, 1, 1) and fast.available(src, factor, interpolation, dst):
-        fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
-        return
+    more than it saves) uses a compiled kernel only if it is loaded already, and
+    never starts loading one."""
+    kernel = _kernel(interpolation)
+    if tuple(factor) != (1, 1, 1):
+        if wait:
+            fast = _compiled() if compiled or _COMPILED else None
+        else:
+            fast = _prepared(interpolation, factor, src.dtype, load=compiled)
+        if fast is not None and fast.available(src, factor, interpolation, dst):
+            fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
+            return
     source = (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(src_at, shape, factor))
     target = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(dst_at, shape))
-    dst[target] = downsample(src[source], factor, interpolation)
+    dst[target] = src[source].copy(order="K") if tuple(factor) == (1, 1, 1) else kernel(src[source], factor)
+
+
+# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader thread
+_LOADED: set = set()
+_LOADING: dict = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
+    """Loads the compiled kernels for these (interpolation, factor, dtype) on a background
+    thread: numba's import and cache load (~0.5 s, mostly holding the GIL) then overlap
+    the first reads instead of stalling every tile thread on numba's compiler lock."""
+    wanted = []
+    for interpolation, factor, dtype in kernels:
+        key = (interpolation, tuple(factor), np.dtype(dtype).str)
+        with _LOAD_LOCK:
+            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1):
+                continue
+            _LOADING[key] = True
+        wanted.append(key)
+    if wanted:
+        threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True).start()
+
+
+def _load(keys) -> None:
+    for interpolation, factor, dtype in keys:
+        try:
+            fast = _compiled()
+            sample = np.zeros((1, *(2 * f for f in factor)), dtype=np.dtype(dtype), order="F")
+            if fast is not None and fast.available(sample, factor, interpolation):
+                fast.downsample(sample, factor, interpolation)  # compiles or loads from the cache
+        finally:
+            with _LOAD_LOCK:
+                _LOADED.add((interpolation, factor, dtype))
+                _LOADING.pop((interpolation, factor, dtype), None)
+
+
+def _prepared(interpolation: str, factor: Sequence[int], dtype: np.dtype, load: bool = True):
+    """The compiled module if `prepare` has loaded this kernel, else None (and, with `load`,
+    loading starts)."""
+    key = (interpolation, tuple(factor), dtype.str)
+    if key not in _LOADED:
+        if load:
+            prepare([(interpolation, factor, dtype)])
+        return None
+    return _COMPILED[0] if _COMPILED else None
 
 
 def _kernel(interpolation: str):

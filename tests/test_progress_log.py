@@ -62,3 +62,32 @@ def test_a_terminal_gets_the_bar_not_lines():
         bar.update(2, 2, LABEL)
     assert "work units (" not in stream.getvalue()
     assert "2/2" in stream.getvalue()  # tqdm's bar
+
+
+def test_a_rerun_counts_what_the_markers_say_is_done(tmp_path):
+    """Workers stopped with an abandoned run leave tallies short of what they finished;
+    after `rerun` the count starts from the markers' answer, and the new run's tallies add."""
+    import dataclasses
+    import os
+
+    from beam_downsample import progress, storage
+
+    @dataclasses.dataclass
+    class Config:
+        marker_dir: str
+
+    config = Config(str(tmp_path / "markers"))
+    reports = []
+    bar = progress.Progress([config], 10, "pass 1/1: x", lambda done, total, label: reports.append(done))
+    tally = progress.Tally(config.marker_dir)
+    tally.add()  # a worker of the first run counted one unit, then finished 3 more and was stopped
+    assert bar.count() == 1
+    todo = bar.rerun(list(range(6)))  # the markers: 4 of 10 done, 6 to run again
+    assert todo == list(range(6)) and bar.count() == 4
+    storage.makedirs(progress.tally_dir(config.marker_dir))
+    again = progress.Tally(config.marker_dir)
+    for _ in range(6):
+        again.add()
+    again.flush()
+    assert bar.count() == 10
+    assert os.listdir(progress.tally_dir(config.marker_dir)) == [os.path.basename(again._path)]  # pylint: disable=protected-access

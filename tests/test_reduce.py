@@ -536,3 +536,38 @@ def test_launcher_does_not_import_numba():
     probe = "import sys, beam_downsample.launch.cli, beam_downsample.work; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["False"]
+
+
+@pytest.mark.parametrize("interpolation,dtype", [("mode", "uint32"), ("median", "uint8")])
+def test_tiles_never_wait_for_the_compiled_kernels(interpolation, dtype, monkeypatch):
+    """wait=False (the tile threads): until `prepare` has loaded a kernel the numpy kernel
+    answers, bit-identical; afterwards the compiled one does."""
+    import threading
+
+    monkeypatch.setattr(reduce, "_LOADED", set())
+    monkeypatch.setattr(reduce, "_LOADING", {})
+    release, real_load = threading.Event(), reduce._load  # pylint: disable=protected-access
+
+    def slow_load(keys):
+        release.wait(30)
+        real_load(keys)
+
+    monkeypatch.setattr(reduce, "_load", slow_load)
+    used = []
+    real_box = compiled.downsample_box
+    monkeypatch.setattr(compiled, "downsample_box", lambda *a, **k: used.append(a[-1]) or real_box(*a, **k))
+    data = _segmentation_crop((64, 64, 32))
+    data = data.astype(dtype, order="F") if dtype == "uint32" else (data % 253).astype(dtype, order="F")
+    expected = reference(data, (2, 2, 1), interpolation)
+    for step in ("before", "after"):
+        dst = np.zeros((1, 32, 32, 32), dtype=dtype, order="F")
+        reduce.downsample_box(data, (0, 0, 0), dst, (0, 0, 0), (32, 32, 32), (2, 2, 1), interpolation, wait=False)
+        np.testing.assert_array_equal(dst, expected)
+        if step == "before":
+            assert used == []  # the loader is still held: numpy did it
+            release.set()
+            for thread in threading.enumerate():
+                if thread.name == "beam-downsample-kernels":
+                    thread.join(30)
+            loaded = len(used)  # the loader's own first call
+    assert len(used) == loaded + 1 and used[-1] == interpolation

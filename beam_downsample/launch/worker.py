@@ -5,6 +5,7 @@ start-up lines per process; our handler lets only warnings and errors
 through, minus the harmless ones every worker emits.
 """
 
+import gc
 import logging
 import os
 import sys
@@ -43,6 +44,7 @@ def main() -> None:
     from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=import-outside-toplevel
 
     sdk_worker_main.main(sys.argv)
+    gc.freeze()  # no collection of everything at exit (see cli.run)
 
 
 if __name__ == "__main__":

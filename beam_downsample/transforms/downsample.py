@@ -49,6 +49,7 @@ class DownsampleUnitFn(beam.DoFn):
             # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
             self._probes[key] = source if config.source_spec["driver"] == "wkw" else io.open_array(
                 config.source_spec, probe_context, open=True, recheck_cached_data=False)
+            work.prepare_kernels(config, io.array_dtype(source))  # loads while the first tiles are read
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
