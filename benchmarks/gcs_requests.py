@@ -178,8 +178,8 @@ def start_emulator(data_root, log_path, external_url=None):
 
 
 def hooks(counter: Counter):
-    """Sets the counter's phase from the launcher's steps (job's functions, wrapped)."""
-    from beam_downsample import job, storage  # pylint: disable=import-outside-toplevel
+    """Sets the counter's phase from the launcher's steps (job and jobplan functions, wrapped)."""
+    from beam_downsample import job, jobplan, storage  # pylint: disable=import-outside-toplevel
 
     def phase_around(module, name, before, after=None):
         original = getattr(module, name)
@@ -196,7 +196,7 @@ def hooks(counter: Counter):
         setattr(module, name, wrapped)
         return original
 
-    phase_around(job, "plan_job", "plan", "lock + create")
+    phase_around(jobplan, "plan_job", "plan", "lock + create")
     phase_around(job, "create_targets", "lock + create", "pass 1: start")
     phase_around(job, "_run_pass", lambda index, *a: f"pass {index + 1}: units",
                  lambda index, *a: f"pass {index + 1}: end")
