@@ -149,19 +149,19 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         grids, planned, configs = [], [], []
         dense_reason = None
         for index, a_pass in enumerate(passes):
+            refreshes = index < refreshing
             grid = planning.plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
-            if index < refreshing:
+            if refreshes:
                 grid = refresh.refresh_grid(grid, a_pass, box)
-            config = _pass_config(dataset, layer, index, a_pass, interpolation, budget,
-                                  box if index < refreshing else None)
-            if index < refreshing:
-                source = (source_units(config, grid)[0] if index == 0
-                          else map_units(grids[-1], planned[-1], passes[index - 1], grid))
-                indices = refresh_units(config, grid, source)
-            elif index == refreshing:  # the source is a complete mag: list it
-                indices, dense_reason = source_units(config, grid)
-            else:
+            config = _pass_config(dataset, layer, index, a_pass, interpolation, budget, box if refreshes else None)
+            if index == 0 or index == refreshing:  # the source is a complete mag: list it
+                indices, reason = source_units(config, grid)
+                if not refreshes:
+                    dense_reason = reason
+            else:  # the pass before has not run yet: what it can have written
                 indices = map_units(grids[-1], planned[-1], passes[index - 1], grid)
+            if refreshes:  # also where the targets hold data, which the edit may have erased
+                indices = refresh_units(config, grid, indices)
             grids.append(grid)
             planned.append(indices)
             configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS))

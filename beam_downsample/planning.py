@@ -388,6 +388,12 @@ class UnitGrid:
         return (np.maximum(starts, np.array(self.region.start)), np.minimum(stops, np.array(self.region.stop)))
 
 
+def source_region(box_mag1: Box, a_pass: Pass) -> Box:
+    """The source voxels that make `box_mag1` aligned outward to the pass's coarsest mag:
+    whole coarsest voxels, so every level's part of it has its footprint inside."""
+    return region_in_mag(box_mag1, a_pass.coarsest).scaled_up(factor_between(a_pass.source_mag, a_pass.coarsest))
+
+
 def plan_grid(
     layer: str,
     pass_index: int,
@@ -397,9 +403,7 @@ def plan_grid(
     budget: UnitBudget,
 ) -> UnitGrid:
     """The pass's source region (its coarsest mag's region, in source voxels) and unit shape."""
-    coarsest_region = region_in_mag(bbox_mag1, a_pass.coarsest)
-    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
-    needed = coarsest_region.scaled_up(factor)  # in source-mag voxels
+    needed = source_region(bbox_mag1, a_pass)
     shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
     grid = UnitGrid(layer, pass_index, needed, shape)
     if grid.count > MAX_GRID_UNITS:

@@ -16,8 +16,8 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-from beam_downsample.mags import Mag, factor_between, mag_name, sort_mags
-from beam_downsample.planning import Box, Pass, UnitGrid, region_in_mag
+from beam_downsample.mags import Mag, mag_name, sort_mags
+from beam_downsample.planning import Box, Pass, UnitGrid, region_in_mag, source_region
 from beam_downsample.properties import Layer
 
 
@@ -89,9 +89,7 @@ def refresh_grid(grid: UnitGrid, a_pass: Pass, box: Box) -> UnitGrid:
     """The pass's grid cut to the source voxels its refreshed voxels need: the box aligned
     outward to the pass's coarsest mag, in source voxels (aligned, so every level's
     refreshed voxels have their whole footprint in some unit)."""
-    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
-    needed = region_in_mag(box, a_pass.coarsest).scaled_up(factor).intersect(grid.region)
-    return dataclasses.replace(grid, region=needed)
+    return dataclasses.replace(grid, region=source_region(box, a_pass).intersect(grid.region))
 
 
 def align_with(all_layers: Iterable[Layer], selected: Iterable[str]) -> set[Mag]:

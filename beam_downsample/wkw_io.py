@@ -127,16 +127,14 @@ def stage_existing(path: str, staging: str, region: Box, files) -> None:
     mag at `path` into the (fresh) uncompressed staging copy, in block-aligned slabs of at
     most STAGE_VOXELS; a file that does not exist yet gets one zero block, as a new one does."""
     side = BLOCK_LEN * FILE_LEN
+    files = [tuple(int(v) for v in f) for f in files]
+    existing = {(fx, fy, fz) for fx, fy, fz in files
+                if os.path.exists(os.path.join(path, f"z{fz}", f"y{fy}", f"x{fx}.wkw"))}
+    create_staging_files(staging, region, [f for f in files if f not in existing])
     with wkw.Dataset.open(path) as final, wkw.Dataset.open(staging) as staged:
-        zeros = np.zeros((staged.header.num_channels, BLOCK_LEN, BLOCK_LEN, BLOCK_LEN),
-                         dtype=staged.header.voxel_type, order="F")
-        for fx, fy, fz in (tuple(int(v) for v in f) for f in files):
+        for fx, fy, fz in existing:
             box = Box((fx * side, fy * side, fz * side), ((fx + 1) * side, (fy + 1) * side, (fz + 1) * side))
-            part = box.intersect(region)
-            if not os.path.exists(os.path.join(path, f"z{fz}", f"y{fy}", f"x{fx}.wkw")):
-                staged.write([a // BLOCK_LEN * BLOCK_LEN for a in part.start], zeros)
-                continue
-            for slab in split_box(part, (BLOCK_LEN,) * 3, STAGE_VOXELS):
+            for slab in split_box(box.intersect(region), (BLOCK_LEN,) * 3, STAGE_VOXELS):
                 staged.write(slab.start, final.read(slab.start, slab.shape))
 
 
