@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from beam_downsample import io
-from beam_downsample.mags import Mag
-from beam_downsample.planning import Box
-from beam_downsample.properties import element_class_for, mag_entry, save_properties
-from beam_downsample.storage import write_json_atomically
+from beam_downsample.core.box import Box
+from beam_downsample.core.mags import Mag
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import element_class_for, mag_entry, save_properties
+from beam_downsample.store.storage import write_json_atomically
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 SEGMENTATION_FILE = os.path.join(DATA_DIR, "connectomics.npy.ckl.gz")
@@ -84,7 +84,7 @@ def write_dataset(
     """Writes a dataset in `data_format` (zarr3, zarr or wkw, the reference's layouts); each
     layer dict has `name`, `category`, `data` (c, x, y, z) or (x, y, z) in mag-1 voxels,
     optional `top_left`, `element_class`, `largest_segment_id`, `mag`."""
-    from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store.properties import load_dataset  # pylint: disable=import-outside-toplevel
 
     os.makedirs(path, exist_ok=True)
     raw_layers = []
@@ -109,15 +109,15 @@ def write_dataset(
     for spec, layer in zip(layers, dataset.layers):
         data = spec["data"] if spec["data"].ndim == 4 else spec["data"][None]
         (mag,) = layer.mags
-        spec = io.new_mag_spec(layer, path, mag)
-        io.create_mag(spec, resume=False)
-        array = io.open_array(io.target_spec(layer, path, mag), open=True)
+        spec = arrays.new_mag_spec(layer, path, mag)
+        arrays.create_mag(spec, resume=False)
+        array = arrays.open_array(arrays.target_spec(layer, path, mag), open=True)
         start = tuple(a // m for a, m in zip(layer.bbox.start, mag))
         box = Box(start, tuple(a + s for a, s in zip(start, data.shape[1:])))  # type: ignore[arg-type]
-        io.write_region(array, box, data).result()
-        io.finish_mags([spec])
-        io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
-    shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
+        arrays.write_region(array, box, data).result()
+        arrays.finish_mags([spec])
+        arrays.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
+    shutil.rmtree(os.path.join(path, arrays.STATE_DIR), ignore_errors=True)  # wkw staging
 
 
 def _write_header(path: str, name, voxel_size: Sequence[float], raw_layers: list, data_format: str) -> None:
@@ -148,8 +148,8 @@ def write_sparse_dataset(
     chunks, shards or wkw files are stored; costs grow with the blocks, not the box."""
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from beam_downsample.planning import UnitGrid  # pylint: disable=import-outside-toplevel
-    from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
+    from beam_downsample.core.grid import UnitGrid  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store.properties import load_dataset  # pylint: disable=import-outside-toplevel
 
     os.makedirs(path, exist_ok=True)
     raw_layers = []
@@ -162,7 +162,7 @@ def write_sparse_dataset(
     dataset = load_dataset(path)
     for spec, layer in zip(layers, dataset.layers):
         mag = (1, 1, 1)
-        create = io.new_mag_spec(layer, path, mag)
+        create = arrays.new_mag_spec(layer, path, mag)
         files = None
         if data_format == "wkw":
             side = 1024
@@ -170,14 +170,14 @@ def write_sparse_dataset(
             starts = np.array([o for o, _ in spec["blocks"]], dtype=np.int64).reshape(-1, 3)
             stops = starts + np.array([d.shape for _, d in spec["blocks"]], dtype=np.int64).reshape(-1, 3)
             files = grid.boxes(grid.overlapping(starts, stops))[0] // side
-        io.create_mag(create, resume=False, files=files)
-        array = io.open_array(io.target_spec(layer, path, mag), open=True)
+        arrays.create_mag(create, resume=False, files=files)
+        array = arrays.open_array(arrays.target_spec(layer, path, mag), open=True)
         for offset, data in spec["blocks"]:
             box = Box(tuple(offset), tuple(a + s for a, s in zip(offset, data.shape)))  # type: ignore[arg-type]
-            io.write_region(array, box, np.asfortranarray(data[None])).result()
-        io.finish_mags([create])
-        io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
-    shutil.rmtree(os.path.join(path, io.STATE_DIR), ignore_errors=True)  # wkw staging
+            arrays.write_region(array, box, np.asfortranarray(data[None])).result()
+        arrays.finish_mags([create])
+        arrays.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [mag])
+    shutil.rmtree(os.path.join(path, arrays.STATE_DIR), ignore_errors=True)  # wkw staging
 
 
 def make_demo(path: str, depth: int = 256) -> None:

@@ -178,8 +178,10 @@ def start_emulator(data_root, log_path, external_url=None):
 
 
 def hooks(counter: Counter):
-    """Sets the counter's phase from the launcher's steps (job and jobplan functions, wrapped)."""
-    from beam_downsample import job, jobplan, storage  # pylint: disable=import-outside-toplevel
+    """Sets the counter's phase from the launcher's steps (run.job and plan functions, wrapped)."""
+    from beam_downsample import plan  # pylint: disable=import-outside-toplevel
+    from beam_downsample.run import job  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store import storage  # pylint: disable=import-outside-toplevel
 
     def phase_around(module, name, before, after=None):
         original = getattr(module, name)
@@ -196,7 +198,7 @@ def hooks(counter: Counter):
         setattr(module, name, wrapped)
         return original
 
-    phase_around(jobplan, "plan_job", "plan", "lock + create")
+    phase_around(plan, "plan_job", "plan", "lock + create")
     phase_around(job, "create_targets", "lock + create", "pass 1: start")
     phase_around(job, "_run_pass", lambda index, *a: f"pass {index + 1}: units",
                  lambda index, *a: f"pass {index + 1}: end")
@@ -225,7 +227,7 @@ def write_dataset(path: str, size) -> None:
 
 
 def upload(local: str, prefix: str) -> None:
-    from beam_downsample import storage  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store import storage  # pylint: disable=import-outside-toplevel
 
     bucket = storage.gcs_client().bucket(BUCKET)
     for directory, _, files in os.walk(local):
@@ -258,8 +260,8 @@ def main() -> None:
     os.environ["STORAGE_EMULATOR_HOST"] = proxy_url
     for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
         os.environ.pop(name, None)
-    from beam_downsample import storage  # pylint: disable=import-outside-toplevel
     from beam_downsample.launch import cli  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store import storage  # pylint: disable=import-outside-toplevel
 
     storage.configure_emulator()
     storage.gcs_client().create_bucket(BUCKET)

@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from beam_downsample import compiled, demo, reduce
+from beam_downsample import demo
+from beam_downsample.kernels import compiled, reduce
 
 CASES = [  # (interpolation, dtypes)
     ("mode", ["uint32", "uint64", "uint16", "int32", "int64", "float32"]),
@@ -86,7 +87,7 @@ t0 = time.perf_counter(); c0 = time.process_time()
 import numba
 t1 = time.perf_counter(); c1 = time.process_time()
 import numpy as np
-from beam_downsample import compiled
+from beam_downsample.kernels import compiled
 src = np.zeros((1, 64, 64, 64), dtype=np.{dtype}, order="F")
 dst = np.zeros((1, 32, 32, 64), dtype=np.{dtype}, order="F")
 t2 = time.perf_counter(); c2 = time.process_time()

@@ -33,11 +33,11 @@ from typing import Sequence
 
 import numpy as np
 
-from beam_downsample import io
+from beam_downsample.core.box import Box
 from beam_downsample.demo import layer_properties, load_segmentation
-from beam_downsample.planning import Box
-from beam_downsample.properties import load_dataset, save_properties
-from beam_downsample.storage import write_json_atomically
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import load_dataset, save_properties
+from beam_downsample.store.storage import write_json_atomically
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 DEFAULT_SIZE = (1024, 1024, 512)
@@ -179,10 +179,10 @@ def make_bench_dataset(
     write_json_atomically(os.path.join(path, "zarr.json"), {"zarr_format": 3, "node_type": "group"})
     save_properties(path, raw)
     dataset = load_dataset(path)
-    arrays = {}
+    opened = {}
     for layer in dataset.layers:
-        arrays[layer.name] = io.open_array(io.new_mag_spec(layer, path, (1, 1, 1)), create=True, delete_existing=True)
-        io.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [(1, 1, 1)])
+        opened[layer.name] = arrays.open_array(arrays.new_mag_spec(layer, path, (1, 1, 1)), create=True, delete_existing=True)
+        arrays.update_ngff(os.path.join(path, layer.name), layer, dataset.voxel_size, dataset.unit, [(1, 1, 1)])
     largest = 0
     if fill == "data":
         source = load_segmentation()
@@ -190,11 +190,11 @@ def make_bench_dataset(
         all_boxes = list(boxes(size))
         for number, box in enumerate(all_boxes, 1):
             color = noise.box(box)
-            pending = io.write_region(arrays["color"], box, color[None])
+            pending = arrays.write_region(opened["color"], box, color[None])
             seg = segmentation_box(source, box)
             largest = max(largest, int(seg.max()))
             pending.result()
-            io.write_region(arrays["segmentation"], box, seg[None]).result()
+            arrays.write_region(opened["segmentation"], box, seg[None]).result()
             del color, seg
             log(f"make_bench_dataset: box {number}/{len(all_boxes)} {box.start}..{box.stop}")
         del source

@@ -32,9 +32,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
-from beam_downsample import io, job, jobplan, machine, seeds, sizing, work  # noqa: E402
+from beam_downsample.core import machine, sizing
 from beam_downsample.launch import runners  # noqa: E402
-from beam_downsample.properties import load_dataset  # noqa: E402
+from beam_downsample.plan.job import each_pass, pass_units, plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.run import job
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import load_dataset  # noqa: E402
+from beam_downsample.transforms import seeds, work  # noqa: E402
 
 
 def fresh_interpreter(modules: str) -> tuple[float, float]:
@@ -62,19 +67,19 @@ def plan(path: str):
     work_s = sizing.work_seconds((layer.bbox.voxels, layer.dtype.itemsize * layer.num_channels)
                                  for layer in dataset.layers)
     sized = sizing.choose(here, "multiprocessing", None, None, work_s)
-    options = jobplan.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
-    return dataset, jobplan.plan_job(dataset, options), sized
+    options = JobOptions(memory_budget=sized.budget, jobs=sized.processes)
+    return dataset, plan_job(dataset, options), sized
 
 
 def run_units_directly(plans) -> None:
     import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
-    context = ts.Context(io.context_spec())
+    context = ts.Context(arrays.context_spec())
     scratch = work.Scratch()
     for plan in plans:
         for config, units in zip(plan.configs, plan.units):
-            source = io.open_array(config.source_spec, context, open=True)
-            targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+            source = arrays.open_array(config.source_spec, context, open=True)
+            targets = [arrays.open_array(level.spec, context, open=True) for level in config.levels]
             for unit in units:
                 work.run_unit(config, unit, source, targets, scratch)
 
@@ -105,9 +110,9 @@ def main() -> None:
             job.create_targets(dataset, plans)
             engine = runners.sized(runners.plan_engine("multiprocessing", None, []), sized)
             runner = engine.runner
-            for index, active, configs in jobplan.each_pass(plans):
+            for index, active, configs in each_pass(plans):
                 grids = [p.grids[index] for p in active]
-                planned = jobplan.pass_units(plans, index)
+                planned = pass_units(plans, index)
                 pass_seeds = [s for g, i in zip(grids, planned) for s in seeds.make_seeds(g, i)]
                 pass_runner, options, configs = runner.for_pass(sum(map(len, planned)), configs)
                 result = clock.time("pass (Beam, in-process, same units)", job._run_pass,  # pylint: disable=protected-access

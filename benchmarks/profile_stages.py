@@ -30,8 +30,12 @@ import tempfile
 
 import tensorstore as ts
 
-from beam_downsample import io, jobplan, planning, work
-from beam_downsample.properties import load_dataset
+from beam_downsample.core.box import split_box
+from beam_downsample.plan.job import plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import load_dataset
+from beam_downsample.transforms import work
 
 
 class Stopwatch:
@@ -58,8 +62,8 @@ def main() -> None:
     import_seconds = time.perf_counter() - _STARTED
     import_cpu = time.process_time() - _STARTED_CPU
     dataset = load_dataset(args.dataset)
-    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=1))
-    spec = {**io.context_spec(), **json.loads(args.context)}
+    plans = plan_job(dataset, JobOptions(jobs=1))
+    spec = {**arrays.context_spec(), **json.loads(args.context)}
     context = ts.Context(spec)
     watch = Stopwatch()
     scratch = work.Scratch()
@@ -68,9 +72,9 @@ def main() -> None:
         for plan in plans:
             layer = plan.layer
             for config, units in zip(plan.configs, plan.units):
-                source = io.open_array(config.source_spec, context, open=True)
+                source = arrays.open_array(config.source_spec, context, open=True)
                 targets = [
-                    io.open_array(io.new_mag_spec(layer, out_dir, level.mag), context, create=True, delete_existing=True)
+                    arrays.open_array(arrays.new_mag_spec(layer, out_dir, level.mag), context, create=True, delete_existing=True)
                     for level in config.levels
                 ]
                 for unit in units:
@@ -91,11 +95,11 @@ def main() -> None:
 def profile_unit(watch, scratch, config, unit, source, targets) -> None:
     """`work.run_unit` on one thread, each stage timed on its own."""
     unit_levels = work.level_boxes(config, unit.box)
-    dtype = io.array_dtype(source)
+    dtype = arrays.array_dtype(source)
     with work.level_buffers(scratch, config, unit_levels, dtype) as buffers:
-        for tile in planning.split_box(unit.box, config.tile_alignment, config.tile_voxels):
+        for tile in split_box(unit.box, config.tile_alignment, config.tile_voxels):
             with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
-                watch.measure(config.layer, "decode", lambda: io.read_box(source, tile, config.channels, out=data))
+                watch.measure(config.layer, "decode", lambda: arrays.read_box(source, tile, config.channels, out=data))
                 watch.measure(config.layer, "reduce",
                               lambda: work.reduce_tile(config, tile, data, buffers, unit_levels))
 

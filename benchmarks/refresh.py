@@ -31,11 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dscompare  # noqa: E402  pylint: disable=wrong-import-position
+from beam_downsample.core.box import Box  # noqa: E402  pylint: disable=wrong-import-position
+from beam_downsample.store import arrays  # noqa: E402  pylint: disable=wrong-import-position
+from beam_downsample.store.properties import load_dataset  # noqa: E402  pylint: disable=wrong-import-position
 from compare_reference import run_measured  # noqa: E402  pylint: disable=wrong-import-position
-
-from beam_downsample import io  # noqa: E402  pylint: disable=wrong-import-position
-from beam_downsample.planning import Box  # noqa: E402  pylint: disable=wrong-import-position
-from beam_downsample.properties import load_dataset  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_BOXES = "480,480,224,64,64,64;1000,1000,480,64,64,32;0,0,0,256,256,128"
 
@@ -46,10 +45,10 @@ def edit(dataset_path: str, box: Box, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for layer in dataset.layers:
         finest = min(layer.mags, key=lambda m: (max(m), m))
-        array = io.open_array(io.existing_mag_spec(layer, dataset.path, finest), open=True)
+        array = arrays.open_array(arrays.existing_mag_spec(layer, dataset.path, finest), open=True)
         inside = box.intersect(layer.bbox)
         data = rng.integers(1, 200, (layer.num_channels, *inside.shape)).astype(layer.dtype)
-        io.write_region(array, inside, data).result()
+        arrays.write_region(array, inside, data).result()
 
 
 def parse_box(text: str) -> Box:

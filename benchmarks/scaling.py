@@ -30,11 +30,10 @@ import threading
 import time
 
 import psutil
-
 from strategies import trees_equal  # benchmarks/strategies.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from beam_downsample import machine  # noqa: E402  pylint: disable=wrong-import-position
+from beam_downsample.core import machine  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def jobs_series(cores: int) -> list[int]:

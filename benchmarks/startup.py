@@ -6,7 +6,7 @@ Runs the CLI on a scratch copy of DATASET (the dataset itself is not
 modified) and logs, in every process of the run, the moment of its first
 `io.read_box` call and of its first kernel call (`reduce.downsample_box`),
 through a `sitecustomize` hook that patches those two functions when
-`beam_downsample.io` / `beam_downsample.reduce` are first imported (the
+`beam_downsample.store.arrays` / `beam_downsample.kernels.reduce` are first imported (the
 hook imports nothing itself, so the import times stay as they are).
 Prints seconds since launch for the launcher's end and each process's
 first read and first reduce, and the import profile of the launcher
@@ -29,7 +29,7 @@ HOOK = r'''
 import importlib.abc, importlib.util, os, sys, time
 
 _LOG = os.environ["BEAM_DOWNSAMPLE_STARTUP_LOG"]
-_WRAP = {"beam_downsample.io": "read_box", "beam_downsample.reduce": "downsample_box"}
+_WRAP = {"beam_downsample.store.arrays": "read_box", "beam_downsample.kernels.reduce": "downsample_box"}
 
 
 def _first(module, name):

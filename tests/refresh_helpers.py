@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
-from beam_downsample import io
-from beam_downsample.planning import Box, region_in_mag
-from beam_downsample.properties import load_dataset
+from beam_downsample.core.box import Box, region_in_mag
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import load_dataset
 
 STATE_DIR = ".beam-downsample"
 
@@ -21,8 +21,8 @@ def mag_voxels(path) -> dict:
     voxels = {}
     for layer in dataset.layers:
         for mag in layer.mags:
-            array = io.open_array(io.existing_mag_spec(layer, dataset.path, mag), open=True)
-            voxels[layer.name, mag] = io.read_box(array, region_in_mag(layer.bbox, mag), layer.num_channels)
+            array = arrays.open_array(arrays.existing_mag_spec(layer, dataset.path, mag), open=True)
+            voxels[layer.name, mag] = arrays.read_box(array, region_in_mag(layer.bbox, mag), layer.num_channels)
     return voxels
 
 
@@ -56,8 +56,8 @@ def edit_finest_mag(path, box6, seed: int) -> None:
     rng = np.random.default_rng(seed)
     box = Box(tuple(box6[:3]), tuple(a + s for a, s in zip(box6[:3], box6[3:])))
     for layer in dataset.layers:
-        array = io.open_array(io.existing_mag_spec(layer, dataset.path, (1, 1, 1)), open=True)
+        array = arrays.open_array(arrays.existing_mag_spec(layer, dataset.path, (1, 1, 1)), open=True)
         inside = box.intersect(layer.bbox)
         data = rng.integers(1, 200, (layer.num_channels, *inside.shape)).astype(layer.dtype)
         data[..., : max(inside.shape[2] // 3, 1)] = 0
-        io.write_region(array, inside, data).result()
+        arrays.write_region(array, inside, data).result()

@@ -15,15 +15,17 @@ import time
 
 import tensorstore as ts
 
-from beam_downsample import io, work
-from beam_downsample.machine import live_processes
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.machine import live_processes
+from beam_downsample.store import arrays
+from beam_downsample.transforms import work
 
 
-def open_unit_arrays(config: work.PassConfig):
+def open_unit_arrays(config: PassConfig):
     """(source, targets) of a pass, opened with a context of their own (an independent writer)."""
-    context = ts.Context(io.context_spec())
-    source = io.open_array(config.source_spec, context, open=True)
-    targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+    context = ts.Context(arrays.context_spec())
+    source = arrays.open_array(config.source_spec, context, open=True)
+    targets = [arrays.open_array(level.spec, context, open=True) for level in config.levels]
     return source, targets
 
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from beam_downsample import work
+from beam_downsample.transforms import work
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -75,8 +75,8 @@ def test_scratch_never_lends_memory_that_a_view_still_sees():
 def test_writes_that_keep_a_reference_store_what_the_buffer_held(tmp_path):
     import tensorstore as ts
 
-    from beam_downsample import io
-    from beam_downsample.planning import Box
+    from beam_downsample.core.box import Box
+    from beam_downsample.store import arrays
 
     array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path)},
                      "metadata": {"shape": [1, 64, 64, 64], "data_type": "uint16",
@@ -84,6 +84,6 @@ def test_writes_that_keep_a_reference_store_what_the_buffer_held(tmp_path):
                     create=True).result()
     data = np.asfortranarray(np.arange(64 ** 3, dtype=np.uint16).reshape(1, 64, 64, 64) % 1000)
     expected = data.copy()
-    io.write_region(array, Box((0, 0, 0), (64, 64, 64)), data, keep_reference=True).result()
+    arrays.write_region(array, Box((0, 0, 0), (64, 64, 64)), data, keep_reference=True).result()
     data[...] = 0  # after the commit the buffer is ours again
     np.testing.assert_array_equal(array.read().result(), expected)

@@ -1,5 +1,5 @@
 """Whole runs of the CLI on small real data, checked voxel by voxel against a
-numpy reference written here (independent of beam_downsample.reduce/work)."""
+numpy reference written here (independent of beam_downsample.kernels and transforms.work)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import tensorstore as ts
 
 from beam_downsample import demo
+from beam_downsample.core.mags import mag_name
 from beam_downsample.launch import cli
-from beam_downsample.mags import mag_name
 from conftest import open_array, read_properties, run_cli, tree_bytes, tree_digest
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)

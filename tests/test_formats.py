@@ -1,6 +1,6 @@
 """Every element class in every format, end to end through the CLI, against the
 numpy reference of test_end_to_end; arrays are read back with tensorstore's
-zarr drivers and the wkw package directly, not through beam_downsample.io.
+zarr drivers and the wkw package directly, not through beam_downsample.store.arrays.
 
 Also: every interpolation on every dtype, --interpolation with --layer-name,
 layers far from the origin, layers smaller than one chunk, depth-1 layers,
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import wkw
+from test_end_to_end import reference_pyramid, run_sequential
 
 from beam_downsample import demo
+from beam_downsample.core.mags import mag_name
 from beam_downsample.launch import cli
-from beam_downsample.mags import mag_name
 from conftest import read_properties, run_cli, tree_bytes, tree_digest, write_properties
-from test_end_to_end import reference_pyramid, run_sequential
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 SHAPE = (40, 36, 12)
@@ -58,7 +58,7 @@ def element_class_layers(seed: int = 0) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# reading back, independently of beam_downsample.io
+# reading back, independently of beam_downsample.store.arrays
 
 
 def read_window(dataset, layer: str, mag, data_format: str, low, high) -> np.ndarray:
@@ -290,7 +290,7 @@ def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, 
     """Killed after every unit is done and one of two files is compressed: the rerun
     skips the units, compresses the rest and ends byte-identical to a clean run
     (which compressed from memory), whichever way the files are compressed."""
-    from beam_downsample import wkw_io  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store import wkw_io  # pylint: disable=import-outside-toplevel
 
     path = tmp_path / "ds"
     shutil.copytree(wkw_base, path)
@@ -315,9 +315,9 @@ def test_wkw_rerun_after_crash_in_compression_is_identical(wkw_base, wkw_clean, 
 
 def test_wkw_staging_files_exist_before_any_unit_runs(tmp_path):
     """Units only write blocks into existing staging files, so no two processes race to create one."""
-    from beam_downsample import io, wkw_io  # pylint: disable=import-outside-toplevel
-    from beam_downsample.planning import Box  # pylint: disable=import-outside-toplevel
-    from beam_downsample.properties import load_dataset  # pylint: disable=import-outside-toplevel
+    from beam_downsample.core.box import Box  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store import arrays, wkw_io  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store.properties import load_dataset  # pylint: disable=import-outside-toplevel
 
     def staged(root):
         return sorted(os.path.relpath(os.path.join(d, f), root)
@@ -327,10 +327,10 @@ def test_wkw_staging_files_exist_before_any_unit_runs(tmp_path):
              "top_left": GEOMETRY["far"]["top_left"]}
     path = write(tmp_path, [layer], "wkw")
     (loaded,) = load_dataset(str(path)).layers
-    spec = io.new_mag_spec(loaded, str(path), (2, 2, 1))
-    assert io.create_mag(spec, resume=False) is False
+    spec = arrays.new_mag_spec(loaded, str(path), (2, 2, 1))
+    assert arrays.create_mag(spec, resume=False) is False
     assert staged(spec["staging"]) == [os.path.join("z0", "y1", "x0.wkw")]  # 2-2-1: x 515..540, y 1038..1059
-    assert io.create_mag(spec, resume=True) is True
+    assert arrays.create_mag(spec, resume=True) is True
     wkw_io.create_staging_files(spec["staging"], Box((1000, 0, 2040), (1100, 10, 2050)))  # 2 x 2 files
     assert staged(spec["staging"]) == [os.path.join("z0", "y1", "x0.wkw")] + [
         os.path.join(f"z{z}", "y0", f"x{x}.wkw") for z in (1, 2) for x in (0, 1)]

@@ -36,9 +36,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from beam_downsample import demo
-from beam_downsample import io as beam_io
 from beam_downsample.launch import cli
-from beam_downsample.properties import load_dataset
+from beam_downsample.store import arrays as beam_io
+from beam_downsample.store.properties import load_dataset
 from conftest import PROPERTIES, tree_digest
 
 EXAMPLES = int(os.environ.get("BEAM_DOWNSAMPLE_FUZZ_EXAMPLES", "200"))

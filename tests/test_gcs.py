@@ -10,8 +10,8 @@ read back must equal the local file byte for byte.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +21,8 @@ import threading
 import numpy as np
 import pytest
 
-from beam_downsample import demo, locks, properties, storage
+from beam_downsample import demo
+from beam_downsample.store import locks, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
 from refresh_helpers import assert_same_pyramid, edit_finest_mag
 from resilience_helpers import kill_group, start_cli, wait_until

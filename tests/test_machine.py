@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from beam_downsample import machine
+from beam_downsample.core import machine
 
 
 def test_arena_limit_is_inherited_by_children(monkeypatch):

@@ -8,8 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from beam_downsample import mags, planning
-from beam_downsample.planning import Box
+from beam_downsample.core import mags
+from beam_downsample.core.box import Box, region_in_mag, split_box
+from beam_downsample.core.errors import PlanningError
+from beam_downsample.core.grid import Pass, UnitBudget
+from beam_downsample.plan.passes import group_passes
+from beam_downsample.plan.pyramid import default_coarsest_mag, plan_mags
+from beam_downsample.plan.units import plan_units
 
 M = mags.parse_mag
 ONE = (1, 1, 1)
@@ -79,7 +84,7 @@ GOLDEN = [
 
 @pytest.mark.parametrize("voxel_size, mode, coarsest, source, align, expected", GOLDEN)
 def test_golden_plans(voxel_size, mode, coarsest, source, align, expected):
-    plan = planning.plan_mags(source, M(coarsest), mode, voxel_size, align)
+    plan = plan_mags(source, M(coarsest), mode, voxel_size, align)
     assert names(plan) == expected
     assert all(isinstance(m, tuple) and len(m) == 3 for m in plan)
 
@@ -93,41 +98,41 @@ GOLDEN_ERRORS = [
 
 @pytest.mark.parametrize("voxel_size, mode, coarsest, source", GOLDEN_ERRORS)
 def test_golden_errors(voxel_size, mode, coarsest, source):
-    with pytest.raises(planning.PlanningError, match="no progress"):
-        planning.plan_mags(source, M(coarsest), mode, voxel_size)
+    with pytest.raises(PlanningError, match="no progress"):
+        plan_mags(source, M(coarsest), mode, voxel_size)
 
 
 def test_passes_through_unwritten_catch_up_step():
     # From 4-4-2 at voxel size 1-1-1 the plan passes through 4-4-4 unwritten to 8.
-    assert names(planning.plan_mags((4, 4, 2), M("8"), "anisotropic", (1, 1, 1))) == ["8"]
+    assert names(plan_mags((4, 4, 2), M("8"), "anisotropic", (1, 1, 1))) == ["8"]
 
 
 def test_alignment_wins_over_sampling_mode_and_coarsest():
     # A mag of another layer with twice the largest component is the next step,
     # whatever the mode says, even beyond the coarsest mag on some axis.
     align = [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
-    assert names(planning.plan_mags(ONE, M("4-4-1"), "constant_z", (1, 1, 1), align)) == ["2", "4"]
+    assert names(plan_mags(ONE, M("4-4-1"), "constant_z", (1, 1, 1), align)) == ["2", "4"]
 
 
 def test_alignment_includes_layers_own_mags():
     # The layer's own (source) mag is in the align set; it never matches "twice" itself.
-    plan = planning.plan_mags((2, 2, 1), M("8"), "anisotropic", (10.5, 10.5, 24), [(1, 1, 1), (2, 2, 1)])
+    plan = plan_mags((2, 2, 1), M("8"), "anisotropic", (10.5, 10.5, 24), [(1, 1, 1), (2, 2, 1)])
     assert names(plan) == ["4-4-2", "8-8-4"]
 
 
 def test_unknown_sampling_mode():
-    with pytest.raises(planning.PlanningError, match="sampling mode"):
-        planning.plan_mags(ONE, M("8"), "bogus", (1, 1, 1))
+    with pytest.raises(PlanningError, match="sampling mode"):
+        plan_mags(ONE, M("8"), "bogus", (1, 1, 1))
 
 
 def test_coarsest_finer_than_source():
-    with pytest.raises(planning.PlanningError):
-        planning.plan_mags((4, 4, 4), M("2"), "anisotropic", (1, 1, 1))
+    with pytest.raises(PlanningError):
+        plan_mags((4, 4, 4), M("2"), "anisotropic", (1, 1, 1))
 
 
 def test_nothing_to_do_at_coarsest():
-    assert planning.plan_mags((8, 8, 4), M("8"), "anisotropic", (11.24, 11.24, 28)) == []
-    assert planning.plan_mags((4, 4, 4), M("4"), "isotropic", (1, 1, 1)) == []
+    assert plan_mags((8, 8, 4), M("8"), "anisotropic", (11.24, 11.24, 28)) == []
+    assert plan_mags((4, 4, 4), M("4"), "isotropic", (1, 1, 1)) == []
 
 
 # ---------------------------------------------------------------------------
@@ -154,19 +159,19 @@ def test_nothing_to_do_at_coarsest():
     ],
 )
 def test_default_coarsest_mag(width, height, expected):
-    assert planning.default_coarsest_mag(width, height) == (expected,) * 3
+    assert default_coarsest_mag(width, height) == (expected,) * 3
 
 
 def test_default_coarsest_mag_large_examples():
     # Contract: (131072, 262144, ...) -> 4096: the larger of width and height counts.
-    assert planning.default_coarsest_mag(131072, 262144) == (4096,) * 3
-    assert planning.default_coarsest_mag(262144, 131072) == (4096,) * 3
+    assert default_coarsest_mag(131072, 262144) == (4096,) * 3
+    assert default_coarsest_mag(262144, 131072) == (4096,) * 3
 
 
 def test_default_coarsest_ignores_depth():
     # Only width and height are inputs at all; the layer's depth plays no part.
-    assert planning.default_coarsest_mag(256, 256) == (4, 4, 4)
-    assert planning.default_coarsest_mag(65536, 64) == (1024,) * 3
+    assert default_coarsest_mag(256, 256) == (4, 4, 4)
+    assert default_coarsest_mag(65536, 64) == (1024,) * 3
 
 
 # ---------------------------------------------------------------------------
@@ -175,25 +180,25 @@ def test_default_coarsest_ignores_depth():
 
 @pytest.mark.parametrize("voxel_size", ANY_VOXEL_SIZES)
 def test_constant_z_keeps_source_z(voxel_size):
-    plan = planning.plan_mags((2, 2, 2), M("16"), "constant_z", voxel_size)
+    plan = plan_mags((2, 2, 2), M("16"), "constant_z", voxel_size)
     assert names(plan) == ["4-4-2", "8-8-2", "16-16-2"]
     assert all(m[2] == 2 for m in plan)
 
 
 @pytest.mark.parametrize("voxel_size", ANY_VOXEL_SIZES)
 def test_isotropic_clamps_per_axis(voxel_size):
-    assert names(planning.plan_mags(ONE, M("16-16-2"), "isotropic", voxel_size)) == [
+    assert names(plan_mags(ONE, M("16-16-2"), "isotropic", voxel_size)) == [
         "2", "4-4-2", "8-8-2", "16-16-2"]
-    assert names(planning.plan_mags(ONE, M("4-8-16"), "isotropic", voxel_size)) == [
+    assert names(plan_mags(ONE, M("4-8-16"), "isotropic", voxel_size)) == [
         "2", "4", "4-8-8", "4-8-16"]
 
 
 def test_anisotropic_from_221_isotropic_voxels():
-    assert names(planning.plan_mags((2, 2, 1), M("8"), "anisotropic", (1, 1, 1))) == ["4", "8"]
+    assert names(plan_mags((2, 2, 1), M("8"), "anisotropic", (1, 1, 1))) == ["4", "8"]
 
 
 def test_anisotropic_clamps_to_coarsest():
-    assert names(planning.plan_mags(ONE, M("8-8-2"), "anisotropic", (11.24, 11.24, 28))) == [
+    assert names(plan_mags(ONE, M("8-8-2"), "anisotropic", (11.24, 11.24, 28))) == [
         "2-2-1", "4-4-2", "8-8-2"]
 
 
@@ -213,8 +218,8 @@ def test_plan_invariants(source, coarsest, mode, voxel_size):
     its largest component grows strictly, starting above the source's (WEBKNOSSOS cannot
     hold two mags with the same largest component), and the last one reaches the coarsest."""
     try:
-        plan = planning.plan_mags(source, M(coarsest), mode, voxel_size)
-    except planning.PlanningError:
+        plan = plan_mags(source, M(coarsest), mode, voxel_size)
+    except PlanningError:
         return
     previous = source
     for mag in plan:
@@ -233,12 +238,12 @@ def test_isotropic_steps_are_written_even_when_max_does_not_grow(mode, coarsest,
     """Outside anisotropic mode the reference writes every step it takes: from 1-1-2 the
     first step 2-2-2 is written although its largest component equals the source's
     (checked against webknossos 4.3.3's planner, which answers ['2', '4-4-2', '8-8-2'])."""
-    plan = planning.plan_mags((1, 1, 2), M(coarsest), mode, (1.0, 1.0, 1.0))
+    plan = plan_mags((1, 1, 2), M(coarsest), mode, (1.0, 1.0, 1.0))
     assert names(plan) == expected
 
 
 def test_anisotropic_step_that_does_not_grow_is_passed_through_unwritten():
-    assert names(planning.plan_mags((2, 2, 1), (8, 8, 8), "anisotropic", (1.0, 1.0, 1.0))) == ["4", "8"]
+    assert names(plan_mags((2, 2, 1), (8, 8, 8), "anisotropic", (1.0, 1.0, 1.0))) == ["4", "8"]
 
 
 # ---------------------------------------------------------------------------
@@ -281,9 +286,9 @@ def _chunk_box(box: Box) -> Box:
 @pytest.mark.parametrize("source, coarsest, mode", CHAINS)
 @pytest.mark.parametrize("bytes_per_voxel, threads", [(1, 1), (4, 3), (3, 1)])
 def test_work_units(bbox, budget_bytes, source, coarsest, mode, bytes_per_voxel, threads):
-    budget = planning.UnitBudget(bytes=budget_bytes, threads=threads)
-    targets = planning.plan_mags(source, M(coarsest), mode, VOXEL)
-    passes = planning.group_passes(source, targets, bytes_per_voxel, budget)
+    budget = UnitBudget(bytes=budget_bytes, threads=threads)
+    targets = plan_mags(source, M(coarsest), mode, VOXEL)
+    passes = group_passes(source, targets, bytes_per_voxel, budget)
 
     # The passes chain the targets in order, each from the previous pass's last mag.
     assert [m for p in passes for m in p.target_mags] == list(targets)
@@ -294,8 +299,8 @@ def test_work_units(bbox, budget_bytes, source, coarsest, mode, bytes_per_voxel,
 
     for index, a_pass in enumerate(passes):
         factor = mags.factor_between(a_pass.source_mag, a_pass.coarsest)
-        needed = planning.region_in_mag(bbox, a_pass.coarsest).scaled_up(factor)
-        units = planning.plan_units("layer", index, a_pass, bbox, bytes_per_voxel, budget)
+        needed = region_in_mag(bbox, a_pass.coarsest).scaled_up(factor)
+        units = plan_units("layer", index, a_pass, bbox, bytes_per_voxel, budget)
         assert units
         assert len({u.key for u in units}) == len(units)
         for unit in units:
@@ -320,7 +325,7 @@ def test_work_units(bbox, budget_bytes, source, coarsest, mode, bytes_per_voxel,
         # at every level of the pass, no two units write the same 32^3 chunk
         for mag in a_pass.target_mags:
             level_factor = mags.factor_between(a_pass.source_mag, mag)
-            region = planning.region_in_mag(bbox, mag)
+            region = region_in_mag(bbox, mag)
             chunk_grid = _chunk_box(region)
             writers = np.zeros(chunk_grid.shape, dtype=np.int32)
             for unit in units:
@@ -331,18 +336,18 @@ def test_work_units(bbox, budget_bytes, source, coarsest, mode, bytes_per_voxel,
 
 
 def test_units_grow_within_budget():
-    a_pass = planning.Pass((1, 1, 1), ((2, 2, 1), (4, 4, 2)))
+    a_pass = Pass((1, 1, 1), ((2, 2, 1), (4, 4, 2)))
     bbox = _bbox((0, 0, 0), (2048, 2048, 1024))
-    small_budget = planning.UnitBudget(bytes=2 << 20)
-    large_budget = planning.UnitBudget(bytes=1536 << 20)
-    small = planning.plan_units("l", 0, a_pass, bbox, 1, small_budget)
-    large = planning.plan_units("l", 0, a_pass, bbox, 1, large_budget)
+    small_budget = UnitBudget(bytes=2 << 20)
+    large_budget = UnitBudget(bytes=1536 << 20)
+    small = plan_units("l", 0, a_pass, bbox, 1, small_budget)
+    large = plan_units("l", 0, a_pass, bbox, 1, large_budget)
     assert len(large) < len(small)
     minimal = (128, 128, 64)  # one 32^3 chunk of 4-4-2 in mag-1 voxels
     for unit in small:
         assert unit.box.shape == minimal or small_budget.unit_bytes(a_pass, unit.box.shape, 1) <= small_budget.bytes
-    middle = planning.UnitBudget(bytes=64 << 20, threads=2)
-    for unit in planning.plan_units("l", 0, a_pass, bbox, 1, middle):
+    middle = UnitBudget(bytes=64 << 20, threads=2)
+    for unit in plan_units("l", 0, a_pass, bbox, 1, middle):
         assert middle.unit_bytes(a_pass, unit.box.shape, 1) <= middle.bytes
     for unit in large:
         # never more than one shard of the first target mag
@@ -351,9 +356,9 @@ def test_units_grow_within_budget():
 
 def test_group_passes_splits_on_budget():
     targets = [(2, 2, 1), (4, 4, 2), (8, 8, 4), (16, 16, 8)]
-    one = planning.group_passes(ONE, targets, 1, planning.UnitBudget(bytes=1536 << 20))
+    one = group_passes(ONE, targets, 1, UnitBudget(bytes=1536 << 20))
     assert [p.target_mags for p in one] == [tuple(targets)]
-    split = planning.group_passes(ONE, targets, 4, planning.UnitBudget(bytes=32 << 20))
+    split = group_passes(ONE, targets, 4, UnitBudget(bytes=32 << 20))
     assert len(split) > 1
     assert [m for p in split for m in p.target_mags] == targets
 
@@ -367,7 +372,7 @@ def test_group_passes_splits_on_budget():
 @pytest.mark.parametrize("align", [(32, 32, 32), (64, 64, 32), (128, 128, 64)], ids=str)
 @pytest.mark.parametrize("max_voxels", [1, 32**3, 100_000])
 def test_split_box_tiles(box, align, max_voxels):
-    tiles = planning.split_box(box, align, max_voxels)
+    tiles = split_box(box, align, max_voxels)
     coverage = np.zeros(box.shape, dtype=np.uint8)
     for tile in tiles:
         assert not tile.empty
@@ -386,7 +391,7 @@ def test_split_box_keeps_a_box_that_fits_whole():
     (0, 4, 6)-(156, 140, 78)); it must not be cut at y=136 and z=72 (multiples of the
     box's own shape, on neither the 32-voxel chunk grid nor the box's edges)."""
     box = Box((0, 4, 6), (156, 140, 78))
-    assert planning.split_box(box, (32, 32, 32), 16 << 20) == [box]
+    assert split_box(box, (32, 32, 32), 16 << 20) == [box]
 
 
 def test_box_helpers():
@@ -395,4 +400,4 @@ def test_box_helpers():
     assert box.scaled_down((2, 2, 1)) == Box((1, 2, 7), (77, 69, 77))
     assert box.scaled_down((4, 4, 2)).scaled_up((4, 4, 2)) == Box((0, 4, 6), (156, 140, 78))
     assert Box((0, 0, 0), (4, 4, 4)).intersect(Box((4, 0, 0), (8, 4, 4))).empty
-    assert planning.region_in_mag(box, (16, 16, 8)) == Box((0, 0, 0), (10, 9, 10))
+    assert region_in_mag(box, (16, 16, 8)) == Box((0, 0, 0), (10, 9, 10))

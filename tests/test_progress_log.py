@@ -70,7 +70,8 @@ def test_a_rerun_counts_what_the_markers_say_is_done(tmp_path):
     import dataclasses
     import os
 
-    from beam_downsample import progress, storage
+    from beam_downsample.state import progress
+    from beam_downsample.store import storage
 
     @dataclasses.dataclass
     class Config:

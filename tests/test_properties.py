@@ -10,9 +10,9 @@ import stat
 import numpy as np
 import pytest
 
-from beam_downsample import properties
-from beam_downsample.planning import Box
-from beam_downsample.properties import DatasetError
+from beam_downsample.core.box import Box
+from beam_downsample.store import properties
+from beam_downsample.store.properties import DatasetError
 
 AXIS_ORDER = {"c": 0, "x": 1, "y": 2, "z": 3}
 

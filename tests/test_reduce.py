@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import pytest
 
-from beam_downsample import compiled, reduce
+from beam_downsample.kernels import compiled, reduce
 
 # ---------------------------------------------------------------------------
 # plain-Python reference
@@ -500,7 +500,7 @@ def test_compiled_levels_chained(interpolation, dtype, monkeypatch):
 
 _CACHE_PROBE = """
 import json, sys, numpy as np
-from beam_downsample import compiled, reduce
+from beam_downsample.kernels import compiled, reduce
 data = np.asfortranarray(np.arange(64, dtype=np.uint16).reshape(1, 4, 4, 4) % 5)
 result = reduce.downsample(data, (2, 2, 2), "mode")
 stats = compiled.mode_222.stats
@@ -523,7 +523,7 @@ def test_compiled_cache_reused_by_next_process(tmp_path):
 
 def test_numpy_kernels_on_request():
     """BEAM_DOWNSAMPLE_KERNELS=numpy: the numpy kernels only, and numba is never imported."""
-    probe = ("import sys, numpy as np; from beam_downsample import reduce; "
+    probe = ("import sys, numpy as np; from beam_downsample.kernels import reduce; "
              "r = reduce.downsample(np.ones((1, 4, 4, 2), np.uint8), (2, 2, 1), 'median'); "
              "print(reduce._compiled() is None, 'numba' in sys.modules, r.sum())")
     env = dict(os.environ, BEAM_DOWNSAMPLE_KERNELS="numpy")
@@ -533,7 +533,7 @@ def test_numpy_kernels_on_request():
 
 def test_launcher_does_not_import_numba():
     """numba costs ~0.25 CPU-s to import: only processes that reduce a tile pay it."""
-    probe = "import sys, beam_downsample.launch.cli, beam_downsample.work; print('numba' in sys.modules)"
+    probe = "import sys, beam_downsample.launch.cli, beam_downsample.transforms.work; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["False"]
 

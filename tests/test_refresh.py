@@ -17,13 +17,15 @@ import time
 import numpy as np
 import pytest
 
+from beam_downsample import demo
+from beam_downsample.core.box import Box, region_in_mag
+from beam_downsample.plan.job import plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.store import arrays
+from beam_downsample.store.properties import load_dataset
 from conftest import run_cli, tree_digest
 from refresh_helpers import assert_same_pyramid, mag_voxels
 from resilience_helpers import kill_group, start_cli, wait_until
-
-from beam_downsample import demo, io, jobplan
-from beam_downsample.planning import Box, region_in_mag
-from beam_downsample.properties import load_dataset
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 TOP_LEFT = (3, 5, 7)
@@ -160,12 +162,12 @@ def test_refresh_rewrites_nothing_outside_each_mags_part_of_the_box(pyramids, tm
             region = region_in_mag(layer.bbox, mag)
             inner = region_in_mag(box, mag).intersect(region)
             shell = Box(tuple(a - 1 for a in inner.start), tuple(b + 1 for b in inner.stop)).intersect(region)
-            array = io.open_array(io.existing_mag_spec(layer, dataset.path, mag), open=True)
-            data = io.read_box(array, shell, layer.num_channels)
+            array = arrays.open_array(arrays.existing_mag_spec(layer, dataset.path, mag), open=True)
+            data = arrays.read_box(array, shell, layer.num_channels)
             mask = np.ones(data.shape, dtype=bool)
             mask[(slice(None),) + tuple(slice(a - s, b - s) for a, b, s in zip(inner.start, inner.stop, shell.start))] = False
             data[mask] += 1  # outside the box the stale value is the right one: the poison differs from it
-            io.write_region(array, shell, data).result()
+            arrays.write_region(array, shell, data).result()
             poisoned[layer.name, mag] = (shell, mask, data.copy())
     run_ok(stale, "--bbox", bbox_arg(WIDE), *ARGS)
     got = mag_voxels(stale)
@@ -369,20 +371,20 @@ def test_big_box_over_a_sparse_layer_plans_by_the_data_and_clears_erased_blocks(
     reference = load_dataset(str(expected))
     (layer,) = dataset.layers
     for mag in layer.mags:
-        got = io.open_array(io.existing_mag_spec(layer, dataset.path, mag), open=True)
-        want = io.open_array(io.existing_mag_spec(reference.layers[0], reference.path, mag), open=True)
+        got = arrays.open_array(arrays.existing_mag_spec(layer, dataset.path, mag), open=True)
+        want = arrays.open_array(arrays.existing_mag_spec(reference.layers[0], reference.path, mag), open=True)
         for offset, shape in ((BLOCK_A, (160, 130, 70)), (BLOCK_B, (100, 100, 50))):
             region = region_in_mag(Box(offset, tuple(a + s for a, s in zip(offset, shape))), mag)
             region = Box(tuple(max(a - 2, 0) for a in region.start), tuple(b + 2 for b in region.stop))
-            assert np.array_equal(io.read_box(got, region, 1), io.read_box(want, region, 1)), (mag, offset)
+            assert np.array_equal(arrays.read_box(got, region, 1), arrays.read_box(want, region, 1)), (mag, offset)
 
 
 def test_passes_with_little_work_use_the_numpy_kernels(pyramids, tmp_path, monkeypatch):
     """A 20x20x10 refresh (and the small passes of a run) must not pay for loading numba; a
     pass of many voxels must use it. The two kernels give the same bytes (test_reduce.py)."""
     dataset = load_dataset(str(pyramids["zarr3"]))
-    small = jobplan.plan_job(dataset, jobplan.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    small = plan_job(dataset, JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
     assert all(not config.compiled for plan in small for config in plan.configs)
-    monkeypatch.setattr(jobplan, "COMPILED_MIN_VOXELS", 1000)
-    full = jobplan.plan_job(dataset, jobplan.JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    monkeypatch.setattr("beam_downsample.plan.units.COMPILED_MIN_VOXELS", 1000)
+    full = plan_job(dataset, JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
     assert all(plan.configs[0].compiled for plan in full)

@@ -26,11 +26,19 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from beam_downsample import demo, io, job, jobplan, locks, markers, planning, work
-from beam_downsample.mags import mag_name, parse_mag
-from beam_downsample.properties import load_dataset
-from beam_downsample.storage import TEMP_PREFIX
+from beam_downsample import demo
+from beam_downsample.core.box import Box
+from beam_downsample.core.mags import mag_name, parse_mag
 from beam_downsample.launch import runners
+from beam_downsample.plan.describe import describe
+from beam_downsample.plan.job import plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.run import job
+from beam_downsample.state import markers
+from beam_downsample.store import arrays, locks
+from beam_downsample.store.properties import load_dataset
+from beam_downsample.store.storage import TEMP_PREFIX
+from beam_downsample.transforms import work
 from beam_downsample.transforms.downsample import DownsampleUnitFn
 from conftest import PROPERTIES, read_properties, run_cli, tiny_layers, tree_bytes, tree_digest
 from resilience_helpers import (
@@ -48,7 +56,7 @@ STATE_DIR = ".beam-downsample"
 BIG_VOXEL_SIZE = (32.0, 32.0, 40.0)
 # 32 MiB per worker (964M: the launcher and 2 workers at 300 MiB, 2 units): many work units, 3 passes in all.
 BIG_ARGS = ("--memory-budget", "964M", "--distribution-strategy", "multiprocessing", "--jobs", "2")
-BIG_OPTIONS = jobplan.JobOptions(memory_budget=964 << 20, jobs=2)
+BIG_OPTIONS = JobOptions(memory_budget=964 << 20, jobs=2)
 SEQUENTIAL = ("--distribution-strategy", "sequential")
 
 
@@ -180,7 +188,7 @@ def unreadable_mags(path) -> list[str]:
         for entry in layer["mags"]:
             mag_path = os.path.join(path, os.path.normpath(entry["path"]))
             try:
-                array = io.open_array({"driver": "zarr3", "kvstore": io.kvstore_spec(mag_path)}, open=True)
+                array = arrays.open_array({"driver": "zarr3", "kvstore": arrays.kvstore_spec(mag_path)}, open=True)
                 array.read().result()
             except Exception as error:  # pylint: disable=broad-except
                 errors.append(f"{entry['path']}: {str(error)[:300]}")
@@ -192,9 +200,9 @@ def unreadable_mags(path) -> list[str]:
 
 
 def plan_pinned(dataset, options=BIG_OPTIONS):
-    """jobplan.plan_job as a run pinned to PINNED_CORES cores plans it."""
+    """plan_job as a run pinned to PINNED_CORES cores plans it."""
     with mock.patch.object(job, "available_cores", lambda: len(pinned_cpus())):
-        return jobplan.plan_job(dataset, options)
+        return plan_job(dataset, options)
 
 
 def current_plans(path, options=BIG_OPTIONS):
@@ -266,7 +274,7 @@ def crash_chain(big_base, big_clean, tmp_path_factory):
     fresh = current_plans(target)
     pass1_dirs = [p.configs[0].marker_dir for p in fresh]
     pass2_dirs = [p.configs[1].marker_dir for p in fresh if len(p.configs) > 1]
-    assert sum(len(p.units[0]) for p in fresh) == 80 and len(pass2_dirs) == 2, jobplan.describe(fresh)
+    assert sum(len(p.units[0]) for p in fresh) == 80 and len(pass2_dirs) == 2, describe(fresh)
 
     started = {}
     locks = [os.path.join(target, STATE_DIR, f"{p.layer.name}.lock") for p in fresh]
@@ -509,7 +517,7 @@ def test_launcher_hands_a_pass_only_the_units_without_a_marker(medium_base, tmp_
     todo = plan.grids[0].units(markers.not_done(config, plan.grids[0], plan.planned[0]))
     assert unit not in todo and len(todo) == sum(1 for c, _ in items if c is config) - 1
     # a marker of another plan's box (not a unit of this grid) is ignored
-    other = dataclasses.replace(unit, box=planning.Box(unit.box.start, tuple(b - 1 for b in unit.box.stop)))
+    other = dataclasses.replace(unit, box=Box(unit.box.start, tuple(b - 1 for b in unit.box.stop)))
     markers.mark_done(config, other)
     assert len(markers.not_done(config, plan.grids[0], plan.planned[0])) == len(todo)
 
@@ -579,7 +587,7 @@ def test_other_layer_run_leaves_this_runs_marker_dirs_alone(tiny_base, tiny_clea
     holds its lock; run D (color) runs start to end meanwhile. D must not touch A's state."""
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
-    plans = jobplan.plan_job(dataset, jobplan.JobOptions(layer_name="segmentation", jobs=1))
+    plans = plan_job(dataset, JobOptions(layer_name="segmentation", jobs=1))
     with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         job.create_targets(dataset, plans)
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
@@ -596,7 +604,7 @@ def test_other_layer_run_and_this_run_both_keep_their_mags(tiny_base, tiny_clean
     runs start to end and lists its mags; then A lists its own. Both layers' mags must stay listed."""
     target = copy_dataset(tiny_base, tmp_path / "ds")
     dataset = load_dataset(str(target))
-    plans = jobplan.plan_job(dataset, jobplan.JobOptions(layer_name="segmentation", jobs=1))
+    plans = plan_job(dataset, JobOptions(layer_name="segmentation", jobs=1))
     with locks.LayerLocks(dataset, ["segmentation"], log=lambda message: None):
         other = run_cli(target, "--layer-name", "color", *SEQUENTIAL)
         assert other.returncode == 0, other.stderr
@@ -666,7 +674,7 @@ def _junk_other_dtype(mag_dir):
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(mag_dir) + "/"},
             "metadata": {"shape": [1, 64, 64, 16], "data_type": "uint16", "chunk_grid": {
                 "name": "regular", "configuration": {"chunk_shape": [1, 32, 32, 16]}}}}
-    array = io.open_array(spec, create=True, delete_existing=True)
+    array = arrays.open_array(spec, create=True, delete_existing=True)
     array.write(np.full(array.shape, 1234, dtype=np.uint16)).result()
     with open(os.path.join(mag_dir, "stray.bin"), "wb") as handle:
         handle.write(os.urandom(1000))
@@ -682,7 +690,7 @@ def _junk_random_files(mag_dir):
 def _junk_same_layout_garbage(mag_dir, dataset_path):
     """What a run killed after creating the arrays but before its first marker leaves, plus garbage data."""
     layer = load_dataset(str(dataset_path)).layer("color")
-    array = io.open_array(io.new_mag_spec(layer, str(dataset_path), (2, 2, 1)), create=True, delete_existing=True)
+    array = arrays.open_array(arrays.new_mag_spec(layer, str(dataset_path), (2, 2, 1)), create=True, delete_existing=True)
     array[:, :64, :64, :32].write(np.random.default_rng(1).integers(0, 256, (1, 64, 64, 32), dtype=np.uint8)).result()
 
 
@@ -716,7 +724,7 @@ def test_unlisted_partial_mag_is_rebuilt(tiny_base, tiny_clean, tmp_path, junk, 
     else:
         _junk_stale_tensorstore_lock(mag_dir, target)
     if with_marker_dir:  # a run crashed after creating its marker directory: create_targets "resumes"
-        plans = current_plans(target, jobplan.JobOptions(jobs=1))
+        plans = current_plans(target, JobOptions(jobs=1))
         os.makedirs(plans[0].configs[0].marker_dir)
     assert not lists_mag(target, "color", (2, 2, 1))
     result = run_cli(target, *SEQUENTIAL)
@@ -781,7 +789,7 @@ def test_target_not_writable_fails_with_one_line(tiny_base, tmp_path):
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("running as root and setpriv is not installed: cannot drop privileges")
     probe = subprocess.run(
-        _unprivileged([sys.executable, "-c", "import sys, beam_downsample.io; open(sys.argv[1], 'w')",
+        _unprivileged([sys.executable, "-c", "import sys, beam_downsample.store.arrays; open(sys.argv[1], 'w')",
                        str(target / "probe")]),
         capture_output=True, text=True, cwd="/", timeout=120,
     )

@@ -1,4 +1,4 @@
-"""Defaults derived from the machine (beam_downsample.sizing, machine): how many
+"""Defaults derived from the machine (beam_downsample.core.sizing, core.machine): how many
 worker processes, what budget, how big the units, and that the budget holds
 for the whole process tree. The memory of a plan is recomputed here from the
 model's constants (300 MiB per process, per unit its level buffers twice plus
@@ -16,9 +16,15 @@ import sys
 import numpy as np
 import pytest
 
-from beam_downsample import demo, jobplan, machine, planning, sizing
+from beam_downsample import demo
+from beam_downsample.core import machine, sizing
+from beam_downsample.core.box import Box
+from beam_downsample.core.grid import Pass
+from beam_downsample.core.mags import factor_between
 from beam_downsample.launch import cli
-from beam_downsample.mags import factor_between
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.plan.passes import unit_budget
+from beam_downsample.plan.units import plan_units
 from conftest import tree_bytes, tree_digest
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -31,7 +37,7 @@ def tree_peak(processes: int, unit_peak: float) -> float:
     return PROCESS * (1 + processes) + unit_peak * max(processes, 1)
 
 
-def unit_peak(a_pass: planning.Pass, shape, bpv: int, threads: int, tile_voxels: int) -> float:
+def unit_peak(a_pass: Pass, shape, bpv: int, threads: int, tile_voxels: int) -> float:
     """Level buffers twice plus three times each tile in flight, recomputed from the pass's factors."""
     voxels = math.prod(shape)
     buffers = sum(voxels / math.prod(factor_between(a_pass.source_mag, m)) for m in a_pass.target_mags)
@@ -43,10 +49,10 @@ def unit_peak(a_pass: planning.Pass, shape, bpv: int, threads: int, tile_voxels:
 MACHINES = [sizing.Machine(c, m) for c, m in [(1, 4 * GIB), (2, 24 * GIB), (16, 64 * GIB), (64, 256 * GIB),
                                                (64, 16 * GIB)]]
 PASSES = [
-    planning.Pass(ONE, ((2, 2, 1), (4, 4, 2), (8, 8, 4), (16, 16, 8))),
-    planning.Pass((16, 16, 8), ((32, 32, 16),)),
+    Pass(ONE, ((2, 2, 1), (4, 4, 2), (8, 8, 4), (16, 16, 8))),
+    Pass((16, 16, 8), ((32, 32, 16),)),
 ]
-LAYER = planning.Box((0, 0, 0), (2048, 2048, 1024))
+LAYER = Box((0, 0, 0), (2048, 2048, 1024))
 
 
 @pytest.mark.parametrize("box", [machine for machine in MACHINES], ids=lambda m: f"{m.cores}c-{m.memory // GIB}G")
@@ -71,12 +77,12 @@ def test_every_combination_holds_or_is_refused(box):
             assert sized.processes <= box.cores and sized.processes != 1
         else:
             assert sized.processes == jobs
-        options = jobplan.JobOptions(memory_budget=sized.budget, jobs=sized.processes)
+        options = JobOptions(memory_budget=sized.budget, jobs=sized.processes)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(jobplan, "available_cores", lambda: box.cores)
-            budget_of_unit = jobplan.unit_budget(options)
+            patch.setattr("beam_downsample.plan.passes.available_cores", lambda: box.cores)
+            budget_of_unit = unit_budget(options)
         for a_pass, bpv in itertools.product(PASSES, [1, 4, 8]):
-            units = planning.plan_units("l", 0, a_pass, LAYER, bpv, budget_of_unit)
+            units = plan_units("l", 0, a_pass, LAYER, bpv, budget_of_unit)
             processes, threads = sized.for_pass(len(units))
             assert processes <= min(len(units), sized.processes) and processes != 1
             assert processes <= (jobs or box.cores)

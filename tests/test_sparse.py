@@ -20,17 +20,27 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import tensorstore as ts
+from test_end_to_end import PYRAMID_16, reference_pyramid
+from test_formats import read_window
 
-from beam_downsample import demo, io, job, jobplan, markers, planning, reduce, seeds, stored, work
+from beam_downsample import demo
+from beam_downsample.core.box import Box, split_box
+from beam_downsample.core.grid import UnitGrid, seed_runs
+from beam_downsample.core.mags import mag_name
+from beam_downsample.kernels import reduce
 from beam_downsample.launch import cli
-from beam_downsample.mags import mag_name
-from beam_downsample.planning import Box, UnitGrid
-from beam_downsample.properties import load_dataset
+from beam_downsample.plan.describe import describe
+from beam_downsample.plan.job import plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.plan.units import source_units
+from beam_downsample.run import job
+from beam_downsample.state import markers
+from beam_downsample.store import arrays, stored
+from beam_downsample.store.properties import load_dataset
+from beam_downsample.transforms import seeds, work
 from beam_downsample.transforms.downsample import DownsamplePass
 from conftest import read_properties, tree_digest
 from resilience_helpers import kill_group, outputs, start_cli, wait_until
-from test_end_to_end import PYRAMID_16, reference_pyramid
-from test_formats import read_window
 
 SIZE = (65536, 65536, 4096)
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -164,7 +174,7 @@ def test_petabyte_grid_plans_in_a_blink():
 
 def test_seed_runs_cover_exactly_and_spread():
     indices = np.array(sorted({*range(10, 5000), *range(7000, 7003), 9000}), dtype=np.int64)
-    runs = planning.seed_runs(indices, 64)
+    runs = seed_runs(indices, 64)
     assert np.concatenate([np.arange(a, b) for a, b in runs]).tolist() == indices.tolist()
     assert len(runs) >= 64 and max(b - a for a, b in runs) <= -(-len(indices) // 64)
 
@@ -217,9 +227,9 @@ def test_fill_value_not_zero_plans_densely(tmp_path):
     meta_path.write_text(text)
     with pytest.raises(stored.Dense, match="fill value is 7"):
         stored.stored_boxes({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "color" / "1")}})
-    plans = jobplan.plan_job(load_dataset(str(path)), jobplan.JobOptions())
+    plans = plan_job(load_dataset(str(path)), JobOptions())
     assert plans[0].dense_reason and len(plans[0].planned[0]) == plans[0].grids[0].count
-    assert "planned densely: its fill value is 7" in jobplan.describe(plans)
+    assert "planned densely: its fill value is 7" in describe(plans)
 
 
 # ---------------------------------------------------------------------------
@@ -247,8 +257,8 @@ def units_near(grid, boxes):
 
 def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
     path, layers = sparse_base
-    plans = jobplan.plan_job(load_dataset(str(path)),
-                         jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    plans = plan_job(load_dataset(str(path)),
+                     JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
     for plan in plans:
         grid = plan.grids[0]
         assert grid.count > 100_000 and len(plan.planned[0]) < 200, grid
@@ -257,7 +267,7 @@ def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
         assert set(plan.planned[0].tolist()) == needed
         # the shard listing alone names many more (512 units share a 1024^3 shard); the storage
         # statistics leave only the units holding chunks, e.g. the lonely chunk's unit alone
-        by_shard, _ = jobplan.source_units(plan.configs[0], grid, refine=False)
+        by_shard, _ = source_units(plan.configs[0], grid, refine=False)
         assert len(by_shard) > 4 * len(needed)
         assert grid.index_of_starts(np.array([[50016, 10016, 3008]]))[0] in needed
     assert run(path, "--dry-run", "--coarsest-mag", "16-16-8", "--memory-budget", "256M") == 0
@@ -285,9 +295,9 @@ def test_sparse_run_matches_dense_numpy_pyramid(sparse_base, sparse_done):
 
 
 def test_sparse_run_used_several_passes(sparse_base):
-    plans = jobplan.plan_job(load_dataset(str(sparse_base[0])),
-                         jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
-    assert all(len(p.passes) >= 2 for p in plans), jobplan.describe(plans)
+    plans = plan_job(load_dataset(str(sparse_base[0])),
+                     JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    assert all(len(p.passes) >= 2 for p in plans), describe(plans)
 
 
 def test_nothing_stored_for_empty_space(sparse_base, sparse_done):
@@ -348,17 +358,17 @@ def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path):
 
 
 def test_dask_spreads_expanded_units_over_both_workers(segmentation, tmp_path):
-    from beam_downsample import progress  # pylint: disable=import-outside-toplevel
     from beam_downsample.launch import runners  # pylint: disable=import-outside-toplevel
+    from beam_downsample.state import progress  # pylint: disable=import-outside-toplevel
 
     path = tmp_path / "ds"
     demo.write_dataset(str(path), [{"name": "segmentation", "category": "segmentation",
                                     "data": np.ascontiguousarray(segmentation[:256, :256, :128])}], VOXEL_SIZE)
     engine = runners.plan_engine("dask", 2, [], None, str(path), 256 << 20, None)
     dataset = load_dataset(str(path))
-    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=2, memory_budget=256 << 20, worker_memory=engine.worker_memory))
+    plans = plan_job(dataset, JobOptions(jobs=2, memory_budget=256 << 20, worker_memory=engine.worker_memory))
     (plan,) = plans
-    assert len(plan.planned[0]) >= 8, jobplan.describe(plans)
+    assert len(plan.planned[0]) >= 8, describe(plans)
     job.create_targets(dataset, plans)
     config, grid = plan.configs[0], plan.grids[0]
     with engine.started() as (runner, options):
@@ -394,7 +404,7 @@ def test_stored_tiles_split_to_the_stored_chunks(segmentation, tmp_path):
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "ds" / "segmentation" / "1")}}
     array = ts.open(spec, context=stored.probe_context()).result()
     unit = Box((0, 0, 0), SMALL)
-    tiles = planning.split_box(unit, (32, 32, 32), 1 << 22)
+    tiles = split_box(unit, (32, 32, 32), 1 << 22)
     read, absent = work.stored_tiles(array, tiles, (32, 32, 32))
     # read and absent tiles partition the unit, on the 32^3 chunk grid
     cover = np.zeros([s // 32 for s in SMALL], dtype=np.int64)
@@ -428,16 +438,16 @@ def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
     path = tmp_path / "ds"
     dense = small_sparse(path, segmentation)
     dataset = load_dataset(str(path))
-    plans = jobplan.plan_job(dataset, jobplan.JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
+    plans = plan_job(dataset, JobOptions(jobs=1, coarsest_mag=(16, 16, 8), memory_budget=256 << 20))
     job.create_targets(dataset, plans)
     (plan,) = plans
     for index, config in enumerate(plan.configs):
-        context = ts.Context(io.context_spec())
-        source = io.open_array(config.source_spec, context, open=True)
-        targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+        context = ts.Context(arrays.context_spec())
+        source = arrays.open_array(config.source_spec, context, open=True)
+        targets = [arrays.open_array(level.spec, context, open=True) for level in config.levels]
         if not skip_zeros:  # stale data everywhere
             for level, target in zip(config.levels, targets):
-                target[io.region_index(level.region)].write(
+                target[arrays.region_index(level.region)].write(
                     np.full((1, *level.region.shape), 7, dtype=np.uint32)).result()
         grid = plan.grids[index]
         for unit in grid.units(grid.all_indices()):
@@ -505,8 +515,9 @@ def test_sparse_wkw(segmentation, tmp_path):
 def test_all_zero_wkw_staging_files_become_no_files(tmp_path):
     """A staging file holding only zeros (written or holes) leaves no file, and removes a
     stale one; a file with one voxel set deep inside (after holes) is compressed."""
-    from beam_downsample import wkw_io  # pylint: disable=import-outside-toplevel
     import wkw  # pylint: disable=import-outside-toplevel
+
+    from beam_downsample.store import wkw_io  # pylint: disable=import-outside-toplevel
 
     final, staging = str(tmp_path / "mag"), str(tmp_path / "staging")
     wkw_io.create(final, np.dtype("uint8"), 1, staging)

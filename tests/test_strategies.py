@@ -17,11 +17,14 @@ import apache_beam as beam
 import psutil
 import pytest
 
-from beam_downsample import jobplan, seeds
-from beam_downsample.launch import cli, clusters, runners
-from beam_downsample.properties import load_dataset
-from beam_downsample.transforms.downsample import DownsamplePass
 from beam_downsample import demo
+from beam_downsample.launch import cli, clusters, runners
+from beam_downsample.plan.job import plan_job
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.plan.passes import WORKER_OVERHEAD_BYTES, unit_budget
+from beam_downsample.store.properties import load_dataset
+from beam_downsample.transforms import seeds
+from beam_downsample.transforms.downsample import DownsamplePass
 from conftest import tiny_layers, tree_bytes, tree_digest
 
 RESOURCES = {"mem": "6G", "cpus": 3, "time": "02:00:00", "partition": "big", "account": "lab", "qos": "high",
@@ -143,10 +146,10 @@ def test_parse_memory(text, decimal, expected):
 
 def test_cluster_workers_size_units_from_their_own_memory(tiny_dataset):
     """Units for a cluster worker follow its memory, not this machine's budget and cores."""
-    options = jobplan.JobOptions(memory_budget=2 << 30, jobs=2, worker_memory=6 << 30, worker_cores=3)
-    budget = jobplan.unit_budget(options)
-    assert budget.bytes == (6 << 30) - jobplan.WORKER_OVERHEAD_BYTES and budget.threads == 4
-    small = jobplan.unit_budget(jobplan.JobOptions(worker_memory=64 << 20, worker_cores=None))
+    options = JobOptions(memory_budget=2 << 30, jobs=2, worker_memory=6 << 30, worker_cores=3)
+    budget = unit_budget(options)
+    assert budget.bytes == (6 << 30) - WORKER_OVERHEAD_BYTES and budget.threads == 4
+    small = unit_budget(JobOptions(worker_memory=64 << 20, worker_cores=None))
     assert small.bytes == 32 << 20 and small.threads == 2
 
 
@@ -325,7 +328,7 @@ def test_dataflow_dry_run_job_stages_setup_py(tiny_dataset, tmp_path):
     options = engine.options.get_all_options()
     assert options["runner"] == "DataflowRunner" and options["setup_file"] == runners.SETUP_FILE
     assert options["max_num_workers"] == 3 and not engine.record_failures
-    plans = jobplan.plan_job(load_dataset(str(tiny_dataset)), jobplan.JobOptions(worker_memory=engine.worker_memory))
+    plans = plan_job(load_dataset(str(tiny_dataset)), JobOptions(worker_memory=engine.worker_memory))
     pipeline = beam.Pipeline(runner=engine.runner, options=engine.options)
     pass_seeds = [s for p in plans for s in seeds.make_seeds(p.grids[0], p.planned[0])]
     _ = pipeline | DownsamplePass(pass_seeds, [p.grids[0] for p in plans], [p.configs[0] for p in plans])

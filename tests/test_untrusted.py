@@ -15,9 +15,10 @@ import shutil
 import numpy as np
 import pytest
 
-from beam_downsample import planning, properties, storage
+from beam_downsample.core.grid import MAX_GRID_UNITS
 from beam_downsample.launch import cli
-from beam_downsample.properties import DatasetError
+from beam_downsample.store import properties, storage
+from beam_downsample.store.properties import DatasetError
 from conftest import PROPERTIES, open_array, read_properties, tree_digest, write_properties
 
 PROG = "beam-downsample"
@@ -146,7 +147,7 @@ GEOMETRY_CASES = [
     ("beyond-tensorstore-range", _set(*BBOX, "width", 2**62), ["boundingBox", "index range"]),
     ("huge-top-left", _set(*BBOX, "topLeft", [10**30, 5, 7]), ["boundingBox", "index range"]),
     # inside the index range, but 2**53 / 2048 units: refused before any is counted out (it ran out of memory)
-    ("absurd-width", _set(*BBOX, "width", 2**53 + 1), ["'color'", f"work units (at most {planning.MAX_GRID_UNITS})"]),
+    ("absurd-width", _set(*BBOX, "width", 2**53 + 1), ["'color'", f"work units (at most {MAX_GRID_UNITS})"]),
     ("voxel-size-0", _set("scale", "factor", [11.24, 0, 28.0]), ["scale", "finite positive"]),
     ("voxel-size-nan", _set("scale", "factor", [11.24, math.nan, 28.0]), ["scale", "finite positive"]),
     ("voxel-size-inf", _set("scale", "factor", [math.inf, 11.24, 28.0]), ["scale", "finite positive"]),

@@ -20,10 +20,10 @@ import types
 
 import numpy as np
 import pytest
+from test_resilience import copy_dataset, write_real_dataset
 
 from conftest import tree_digest
 from resilience_helpers import live_group_members, outputs, run_cli_pinned, start_cli, wait_until
-from test_resilience import copy_dataset, write_real_dataset
 
 STATE_DIR = ".beam-downsample"
 # 32 MB units: 20 in pass 1 (4 color, 16 segmentation), a few seconds each on 2 workers.
@@ -186,6 +186,6 @@ def test_ctrl_c_of_the_launcher_mid_pass_stops_its_workers_quietly(base, tmp_pat
     (1, "exited with status 1"),
 ])
 def test_exit_status_in_words(code, text):
-    from beam_downsample.launch.watch import describe_status
+    from beam_downsample.run.watch import describe_status
 
     assert describe_status(code) == text

@@ -1,0 +1,1 @@
+"""The command line and its engines: flags, distribution strategies as Beam runners, clusters."""

@@ -28,12 +28,18 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample import job, jobplan, locks, machine, reduce, refresh, sizing, storage
+from beam_downsample.core import machine, sizing
+from beam_downsample.core.errors import PlanningError
+from beam_downsample.core.machine import limit_malloc_arenas
+from beam_downsample.core.mags import MagError, parse_mag
+from beam_downsample.kernels import reduce
 from beam_downsample.launch import runners
-from beam_downsample.machine import limit_malloc_arenas
-from beam_downsample.mags import MagError, parse_mag
-from beam_downsample.planning import SAMPLING_MODES, PlanningError
-from beam_downsample.properties import DatasetError, load_dataset
+from beam_downsample import plan
+from beam_downsample.plan import refresh
+from beam_downsample.plan.pyramid import SAMPLING_MODES
+from beam_downsample.run import job
+from beam_downsample.store import locks, storage
+from beam_downsample.store.properties import DatasetError, load_dataset
 
 if _COLLECTING:
     gc.enable()
@@ -171,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sized = _sizing(dataset, strategy, jobs, given_budget, box) if local else None
         if sized is not None:
             engine = runners.sized(engine, sized)
-        options = jobplan.JobOptions(
+        options = plan.JobOptions(
             sampling_mode=_flag_value("sampling-mode"),
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
@@ -182,16 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker_cores=engine.worker_cores,
             bbox=box,
         )
-        plans = jobplan.plan_job(dataset, options)
+        plans = plan.plan_job(dataset, options)
     except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
             machine.MachineError, refresh.RefreshError) as error:
         return _fail(str(error))
-    print(jobplan.describe(plans))
-    for warning in jobplan.interrupted_refreshes(dataset, plans):
+    print(plan.describe(plans))
+    for warning in plan.interrupted_refreshes(dataset, plans):
         _warn(warning)
     if _flag_value("dry-run"):
         if sized is not None:
-            print(sized.describe(jobplan.pass_sizes(plans)))
+            print(sized.describe(plan.pass_sizes(plans)))
         print(engine.describe())
         return 0
     if not any(p.target_mags for p in plans):
@@ -324,10 +330,10 @@ class _ProgressBar:
 def _pass_voxels(plans) -> list[int]:
     """Source voxels of each pass, all layers together (what the progress rate counts)."""
     voxels: list[int] = []
-    for plan in plans:
-        for index, a_pass in enumerate(plan.passes):
+    for layer_plan in plans:
+        for index, a_pass in enumerate(layer_plan.passes):
             voxels.extend([0] * (index + 1 - len(voxels)))
-            voxels[index] += plan.grids[index].region.voxels
+            voxels[index] += layer_plan.grids[index].region.voxels
     return voxels
 
 

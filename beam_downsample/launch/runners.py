@@ -14,10 +14,10 @@ from typing import Iterator, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_downsample.core import sizing
+from beam_downsample.core.machine import available_cores, total_memory
 from beam_downsample.launch import clusters
 from beam_downsample.launch.errors import UsageError
-from beam_downsample import sizing
-from beam_downsample.machine import available_cores, total_memory
 
 STRATEGIES = ("multiprocessing", "sequential", "dask", "slurm", "kubernetes", "flink", "dataflow")
 LOCAL = ("multiprocessing", "sequential")
@@ -187,7 +187,7 @@ class Engine:
             if interrupted.is_set():  # Ctrl-C while the cluster started
                 raise KeyboardInterrupt
             runner = ClosingDaskRunner(interrupted)
-            runner.strategy = self.strategy  # how a lost worker is described (launch.watch)
+            runner.strategy = self.strategy  # how a lost worker is described (run.watch)
             yield runner, PipelineOptions(self.flags, address=address, **self.overrides)
 
 

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from beam_downsample.machine import limit_malloc_arenas
+from beam_downsample.core.machine import limit_malloc_arenas
 
 _HARMLESS = ("No semi_persistent_directory found", "apitools not found")
 

@@ -1,0 +1,1 @@
+"""Beam code: seeds expanded into work units, the DoFn that runs one unit (`work`), the pass transform."""

@@ -8,8 +8,12 @@ import apache_beam as beam
 import tensorstore as ts
 from apache_beam.metrics import Metrics
 
-from beam_downsample import io, markers, progress, seeds as seeds_module, stored, work, workerstate
-from beam_downsample.planning import UnitGrid, WorkUnit
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import UnitGrid, WorkUnit
+from beam_downsample.state import markers, progress, workerstate
+from beam_downsample.store import arrays, stored
+from beam_downsample.transforms import seeds as seeds_module
+from beam_downsample.transforms import work
 
 
 class DownsampleUnitFn(beam.DoFn):
@@ -32,24 +36,24 @@ class DownsampleUnitFn(beam.DoFn):
     target held there is replaced by the fill value (deleted).
     """
 
-    def __init__(self, configs: Sequence[work.PassConfig], record_failures: bool = False):
+    def __init__(self, configs: Sequence[PassConfig], record_failures: bool = False):
         self._configs = {(c.layer, c.pass_index): c for c in configs}
         self._record_failures = record_failures
 
     def setup(self) -> None:
-        context = ts.Context(io.context_spec())
+        context = ts.Context(arrays.context_spec())
         self._arrays = {}
         self._probes = {}
         probe_context = stored.probe_context()
         for key, config in self._configs.items():
-            source = io.open_array(config.source_spec, context, open=True)
-            targets = [io.open_array(level.spec, context, open=True) for level in config.levels]
+            source = arrays.open_array(config.source_spec, context, open=True)
+            targets = [arrays.open_array(level.spec, context, open=True) for level in config.levels]
             self._arrays[key] = (source, targets)
             # storage statistics go to a second handle that caches shard indices (the reading one caches
             # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
-            self._probes[key] = source if config.source_spec["driver"] == "wkw" else io.open_array(
+            self._probes[key] = source if config.source_spec["driver"] == "wkw" else arrays.open_array(
                 config.source_spec, probe_context, open=True, recheck_cached_data=False)
-            work.prepare_kernels(config, io.array_dtype(source))  # loads while the first tiles are read
+            work.prepare_kernels(config, arrays.array_dtype(source))  # loads while the first tiles are read
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
@@ -113,7 +117,7 @@ class ExpandToUnits(beam.DoFn):
 class DownsamplePass(beam.PTransform):
     """All work units of one pass (any number of layers), made from seeds and spread over workers."""
 
-    def __init__(self, seeds: Sequence[tuple], grids: Sequence[UnitGrid], configs: Sequence[work.PassConfig],
+    def __init__(self, seeds: Sequence[tuple], grids: Sequence[UnitGrid], configs: Sequence[PassConfig],
                  record_failures: bool = False):
         super().__init__()
         self._seeds = list(seeds)

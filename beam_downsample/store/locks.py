@@ -8,10 +8,10 @@ import socket
 import time
 from typing import Callable, Sequence
 
-from beam_downsample import storage
-from beam_downsample.machine import pid_alive
-from beam_downsample.io import STATE_DIR
-from beam_downsample.properties import Dataset
+from beam_downsample.core.machine import pid_alive
+from beam_downsample.store import storage
+from beam_downsample.store.arrays import STATE_DIR
+from beam_downsample.store.properties import Dataset
 
 
 def lock_path(dataset_path: str, layer_name: str) -> str:

@@ -1,4 +1,4 @@
-"""A downsampling job: create the arrays of a plan (`jobplan`), run one Beam
+"""A downsampling job: create the arrays of a plan (`plan`), run one Beam
 pipeline per pass, list the finished mags.
 
 One pipeline per pass is the barrier between passes: pass k+1 reads what
@@ -16,17 +16,22 @@ from typing import Callable, Sequence
 import apache_beam as beam
 import numpy as np
 
-from beam_downsample import io, markers, planning, seeds, storage, supervise, wkw_io
-from beam_downsample.jobplan import LayerPlan, each_pass, pass_units, units_work
-from beam_downsample.machine import available_cores
-from beam_downsample.mags import Mag, factor_between, mag_name
-from beam_downsample.planning import UnitGrid
-from beam_downsample.progress import Progress
-from beam_downsample.properties import Dataset, update_properties, with_new_mags
+from beam_downsample.core.box import region_in_mag
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import UnitGrid
+from beam_downsample.core.machine import available_cores
+from beam_downsample.core.mags import Mag, factor_between, mag_name
+from beam_downsample.plan.job import LayerPlan, each_pass, pass_units
+from beam_downsample.plan.units import units_work
+from beam_downsample.run import supervise
+from beam_downsample.state import markers
+from beam_downsample.state.progress import Progress
+from beam_downsample.store import arrays, storage, wkw_io
+from beam_downsample.store.properties import Dataset, update_properties, with_new_mags
+from beam_downsample.transforms import seeds
 from beam_downsample.transforms.downsample import DownsamplePass
-from beam_downsample.work import PassConfig
 
-STATE_DIR = io.STATE_DIR
+STATE_DIR = arrays.STATE_DIR
 
 
 def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
@@ -44,9 +49,9 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
             for mag in a_pass.target_mags:
                 files = _wkw_files(plan, index, mag) if plan.layer.data_format == "wkw" else None
                 if config.refresh:  # an existing mag: written into, never recreated
-                    io.open_refreshed_mag(io.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
+                    arrays.open_refreshed_mag(arrays.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
                     continue
-                kept = io.create_mag(io.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
+                kept = arrays.create_mag(arrays.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
                 if resuming and not kept:  # different layout: its markers are worthless
                     storage.delete_tree(config.marker_dir)
                     storage.makedirs(config.marker_dir)
@@ -58,7 +63,7 @@ def _wkw_files(plan: LayerPlan, index: int, mag: Mag) -> np.ndarray:
     only those get staging files (and so compressed files), never the whole box."""
     grid, a_pass = plan.grids[index], plan.passes[index]
     side = wkw_io.BLOCK_LEN * wkw_io.FILE_LEN
-    region = planning.region_in_mag(plan.layer.bbox, mag)
+    region = region_in_mag(plan.layer.bbox, mag)
     files = UnitGrid("", 0, region, (side, side, side))
     level = next(level for level in plan.configs[index].levels if level.mag == mag)
     if level.write is not None:  # a refresh stages (and recompresses) only the files it writes into
@@ -164,12 +169,12 @@ def run_job(
             count = sum(len(m) for _, m in missing)
             example = missing[0][0].unit(missing[0][1][0]).key
             raise RuntimeError(f"pass {index + 1} finished but {count} work units are not done, e.g. {example}")
-        io.finish_mags([level.spec for config in configs for level in config.levels],
-                       threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
+        arrays.finish_mags([level.spec for config in configs for level in config.levels],
+                           threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
         for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
             listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
                             key=lambda m: (max(m), m))
-            io.update_ngff(
+            arrays.update_ngff(
                 storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
                 listed,
             )

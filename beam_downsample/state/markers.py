@@ -12,9 +12,9 @@ import re
 
 import numpy as np
 
-from beam_downsample import storage
-from beam_downsample.planning import UnitGrid, WorkUnit
-from beam_downsample.work import PassConfig
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import UnitGrid, WorkUnit
+from beam_downsample.store import storage
 
 DONE = ".done"
 FAILED = ".failed"

@@ -4,7 +4,7 @@ Beam's multi-process FnApiRunner waits forever for a bundle whose worker
 was killed (its control future is never resolved), and its gRPC threads
 print tracebacks. Dask reruns a lost worker's tasks itself but waits
 forever once no worker is left (every SLURM job cancelled). A watcher
-tells the supervisor (`beam_downsample.supervise`) within a second what
+tells the supervisor (`run.supervise`) within a second what
 died, so that it can stop, report in one line and rerun the missing units.
 """
 
@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Optional
 
-from beam_downsample import workerstate
-from beam_downsample.machine import live_processes, pid_alive
+from beam_downsample.core.machine import live_processes, pid_alive
+from beam_downsample.state import workerstate
 
 WORKER_MODULE = "beam_downsample.launch.worker"
 NO_WORKER_GRACE_SECONDS = 10.0

@@ -20,10 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import storage, wkw_io
-from beam_downsample.mags import Mag, mag_name, parse_mag
-from beam_downsample.planning import CHUNK, SHARD, Box
-from beam_downsample.properties import DatasetError, Layer
+from beam_downsample.core.box import Box
+from beam_downsample.core.grid import CHUNK, SHARD
+from beam_downsample.core.mags import Mag, mag_name, parse_mag
+from beam_downsample.store import storage, wkw_io
+from beam_downsample.store.properties import DatasetError, Layer
 
 # dataFormat -> tensorstore driver (None: our wkw adapter)
 DRIVERS = {"zarr3": "zarr3", "zarr": "zarr", "wkw": None}

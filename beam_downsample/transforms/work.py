@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import mmap
-import os
 import sys
 import threading
 from typing import Iterator, Sequence
@@ -20,38 +19,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, planning, reduce, storage, stored, wkw_io
-from beam_downsample.mags import Mag
-from beam_downsample.planning import Box, WorkUnit
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelConfig:
-    mag: Mag
-    factor: Mag  # from the level before (or the pass's source)
-    region: Box  # the layer's bounding box aligned outward, in this mag's voxels
-    spec: dict  # tensorstore spec of the (already created) target array
-    write: Box | None = None  # a `--bbox` refresh writes only these voxels (the box aligned outward)
-
-
-@dataclasses.dataclass(frozen=True)
-class PassConfig:
-    """Everything a worker needs for one pass of one layer: plain, picklable data."""
-
-    layer: str
-    pass_index: int
-    source_mag: Mag
-    source_spec: dict
-    source_region: Box  # the bounding box aligned outward, in source-mag voxels
-    channels: int
-    interpolation: str
-    levels: tuple[LevelConfig, ...]
-    marker_dir: str  # done-markers of this pass's units live here
-    tile_alignment: tuple[int, int, int] = (32, 32, 32)
-    threads: int = 1
-    tile_voxels: int = 16 << 20
-    refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
-    compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)
+from beam_downsample.core.box import Box, split_box
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import WorkUnit
+from beam_downsample.kernels import reduce
+from beam_downsample.store import arrays, stored, wkw_io
 
 
 @dataclasses.dataclass
@@ -156,7 +128,7 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
         box = box.scaled_down(level.factor)
         # Reduced straight into the level buffer, which is also the next level's
         # input; replicating there is harmless: only voxels inside the region are written.
-        index = io.local_index(box, unit_box)
+        index = arrays.local_index(box, unit_box)
         at = tuple(s.start for s in index[1:])
         reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation,
                               wait=False, compiled=config.compiled)
@@ -245,9 +217,9 @@ def run_unit(
     scratch = scratch or Scratch()
     stats = UnitStats()
     unit_levels = level_boxes(config, unit.box)
-    dtype = io.array_dtype(source)
+    dtype = arrays.array_dtype(source)
     prepare_kernels(config, dtype)
-    tiles = planning.split_box(unit.box, config.tile_alignment, config.tile_voxels)
+    tiles = split_box(unit.box, config.tile_alignment, config.tile_voxels)
     pieces = classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
     live: list[Box] = []  # tiles reduced into the level buffers
     done: list[Box] = []  # every tile read or left out
@@ -258,7 +230,7 @@ def run_unit(
             box = tile
             for buffer, level, unit_box in zip(buffers, config.levels, unit_levels):
                 box = box.scaled_down(level.factor)
-                buffer[io.local_index(box, unit_box)] = 0
+                buffer[arrays.local_index(box, unit_box)] = 0
 
         def work_on(tile: Box, is_stored: bool) -> None:
             if not is_stored:
@@ -266,7 +238,7 @@ def run_unit(
                     zero_levels(tile)
                 return
             with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
-                io.read_box(source, tile, config.channels, out=data)
+                arrays.read_box(source, tile, config.channels, out=data)
                 with lock:
                     stats.voxels_read += tile.voxels
                 if dtype.kind != "f" and not data.any():  # all zero: not reduced (floats: -0.0 must stay -0.0)
@@ -318,7 +290,7 @@ def start_level_writes(config: PassConfig, targets: Sequence, buffers: Sequence[
             written = written.intersect(level.write)
         if written.empty:
             continue
-        pending.append(io.write_region(target, written, buffer[io.local_index(written, unit_box)], keep_reference=True))
+        pending.append(arrays.write_region(target, written, buffer[arrays.local_index(written, unit_box)], keep_reference=True))
         voxels += written.voxels
     return pending, voxels
 
@@ -342,7 +314,7 @@ def start_tile_writes(config: PassConfig, targets: Sequence, buffers: Sequence[n
             continue
         transaction = None if isinstance(target, wkw_io.WkwMag) else ts.Transaction()
         view = target if transaction is None else target.with_transaction(transaction)
-        writes = [io.write_region(view, box, buffer[io.local_index(box, unit_box)]) for box in boxes]
+        writes = [arrays.write_region(view, box, buffer[arrays.local_index(box, unit_box)]) for box in boxes]
         voxels += sum(box.voxels for box in boxes)
         if transaction is None:
             pending.extend(writes)

@@ -37,7 +37,7 @@ MIN_WORK_PER_PROCESS = 5 * WORKER_START_CPU_S  # CPU-s of work that pay for star
 IN_PROCESS_CORES = 2  # cores one process's tile threads were measured to keep busy (no processes by default)
 MAX_TILE_VOXELS = 16 * MIB  # 16 Mi voxels: large tiles keep the kernels' inner loops long
 MIN_TILE_VOXELS = 32**3
-TILE_OVERHEAD = 3  # planning.UnitBudget.TILE_OVERHEAD: a tile in flight holds its data plus temporaries
+TILE_OVERHEAD = 3  # core.grid.UnitBudget.TILE_OVERHEAD: a tile in flight holds its data plus temporaries
 TILE_BYTES_PER_VOXEL = 4  # tiles are sized for uint32 voxels (the usual segmentation)
 
 

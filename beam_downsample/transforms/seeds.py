@@ -15,8 +15,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from beam_downsample import planning, storage
-from beam_downsample.planning import UnitGrid
+from beam_downsample.core.grid import UnitGrid, seed_runs
+from beam_downsample.store import storage
 
 PIECES = 4096  # seeds per pass at least (where there are units enough): DaskRunner runs a seed in one task
 EMBED_RUNS = 8192  # more runs than this go to a spill file
@@ -30,7 +30,7 @@ def make_seeds(grid: UnitGrid, indices: np.ndarray, spill_dir: Optional[str] = N
     `spill_dir` None embeds every run whatever their number (Dataflow's
     --dry_run writes nothing).
     """
-    runs = planning.seed_runs(indices, pieces)
+    runs = seed_runs(indices, pieces)
     key = (grid.layer, grid.pass_index)
     if spill_dir is None or len(runs) <= EMBED_RUNS:
         return [(*key, int(a), int(b)) for a, b in runs]

@@ -17,9 +17,9 @@ import sys
 import time
 from typing import Iterable, Optional
 
-from beam_downsample import storage
-from beam_downsample.planning import WorkUnit
-from beam_downsample.work import PassConfig
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import WorkUnit
+from beam_downsample.store import storage
 
 DIR = "workers"
 

@@ -24,7 +24,7 @@ import numpy as np
 import wkw
 from wkw.wkw import WKWException
 
-from beam_downsample.planning import Box, split_box
+from beam_downsample.core.box import Box, split_box
 
 BLOCK_LEN = 32  # voxels per block edge
 FILE_LEN = 32  # blocks per file edge: files of 1024^3 voxels

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from beam_downsample import storage
-from beam_downsample.mags import Mag, MagError, mag_name, parse_mag, sort_mags
-from beam_downsample.planning import Box
+from beam_downsample.core.box import Box
+from beam_downsample.core.mags import Mag, MagError, mag_name, parse_mag, sort_mags
+from beam_downsample.store import storage
 
 PROPERTIES_FILE = "datasource-properties.json"
 

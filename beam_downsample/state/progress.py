@@ -17,8 +17,8 @@ import time
 import uuid
 from typing import Callable, Sequence
 
-from beam_downsample import storage
-from beam_downsample.work import PassConfig
+from beam_downsample.core.config import PassConfig
+from beam_downsample.store import storage
 
 TALLY_DIR = "progress"
 

@@ -7,7 +7,7 @@ aligned outward to that mag. A refresh recomputes those voxels, each mag
 from the one before (chained, as a full run does), and writes nothing else:
 the result is what deleting the mags and downsampling again would give.
 
-Pure arithmetic on the plan, no I/O: the launcher (`job`) applies it.
+Pure arithmetic on the plan, no I/O: planning (`passes`, `units`) applies it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
-from beam_downsample.mags import Mag, mag_name, sort_mags
-from beam_downsample.planning import Box, Pass, UnitGrid, region_in_mag, source_region
-from beam_downsample.properties import Layer
+from beam_downsample.core.box import Box, region_in_mag
+from beam_downsample.core.grid import Pass, UnitGrid, source_region
+from beam_downsample.core.mags import Mag, mag_name, sort_mags
+from beam_downsample.store.properties import Layer
 
 
 class RefreshError(ValueError):

@@ -1,8 +1,8 @@
 """Runs one pass's pipeline and survives dying workers.
 
 The pipeline runs in a daemon thread while this module watches the
-workers (`launch.watch`). When a worker dies, the unit it was running is
-read from its state file (`workerstate`), the death is reported in one
+workers (`run.watch`). When a worker dies, the unit it was running is
+read from its state file (`state.workerstate`), the death is reported in one
 line, and the units without a done-marker (one listing) run again, a
 bounded number of times. A unit that killed its worker KILLS_PER_UNIT times
 is reported by name. Multi-process FnApiRunner pipelines never finish after
@@ -19,9 +19,11 @@ import threading
 import time
 from typing import Callable, Optional, Sequence
 
-from beam_downsample import storage, workerstate
-from beam_downsample.planning import WorkUnit
-from beam_downsample.work import PassConfig
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.grid import WorkUnit
+from beam_downsample.run import watch
+from beam_downsample.state import workerstate
+from beam_downsample.store import storage
 
 POLL_SECONDS = 0.25
 RUNS_PER_PASS = 4  # the first run and up to three reruns of the units lost with workers
@@ -80,8 +82,6 @@ def run_pass(
     Returns the last run's PipelineResult (for metrics; None if it was abandoned);
     raises the pipeline's error, or WorkerDied in one line.
     """
-    from beam_downsample.launch import watch  # pylint: disable=import-outside-toplevel
-
     label = f"pass {index + 1}"
     state_dirs = sorted({workerstate.state_dir(c) for c in configs})
     kills: collections.Counter = collections.Counter()

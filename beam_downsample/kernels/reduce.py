@@ -363,7 +363,7 @@ def _compiled():
         if os.environ.get("BEAM_DOWNSAMPLE_KERNELS", "compiled") == "numpy":
             _COMPILED.append(None)
         else:
-            from beam_downsample import compiled  # pylint: disable=import-outside-toplevel
+            from beam_downsample.kernels import compiled  # pylint: disable=import-outside-toplevel
 
             _COMPILED.append(compiled if compiled.numba is not None else None)
     return _COMPILED[0]

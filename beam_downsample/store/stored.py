@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample import io, wkw_io
-from beam_downsample.planning import Box
+from beam_downsample.core.box import Box
+from beam_downsample.store import arrays, wkw_io
 
 
 class Dense(Exception):
@@ -62,7 +62,7 @@ def stored_boxes(spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """
     if spec["driver"] == "wkw":
         return _wkw_boxes(spec["path"])
-    array = io.open_array(spec, open=True)
+    array = arrays.open_array(spec, open=True)
     fill = np.asarray(array.fill_value) if array.fill_value is not None else np.zeros(())
     if np.any(fill != 0):
         raise Dense(f"its fill value is {fill.tolist()}, not 0")
@@ -86,7 +86,7 @@ def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray) -> Optional[tuple[np
     On GCS, storage statistics cost thousands of object-metadata requests per shard
     (benchmarks/gcs_requests.py); this costs one GET per stored shard.
     """
-    array = io.open_array(spec, open=True)
+    array = arrays.open_array(spec, open=True)
     metadata = array.spec().to_json()["metadata"]
     codecs = metadata.get("codecs") or []
     if metadata.get("zarr_format", 2) != 3 and "chunk_grid" not in metadata:
@@ -163,11 +163,11 @@ def box_states(array, boxes: list[Box]) -> list[str]:
         return [NOTHING if box.empty or not array.stored_files(box) else ALL for box in boxes]
     if array.fill_value is not None and np.any(np.asarray(array.fill_value) != 0):
         return [ALL] * len(boxes)
-    domain = io.array_domain(array)
+    domain = arrays.array_domain(array)
     futures = []
     for box in boxes:
         inside = box.intersect(domain)
-        futures.append(None if inside.empty else array[io.region_index(inside)].storage_statistics(
+        futures.append(None if inside.empty else array[arrays.region_index(inside)].storage_statistics(
             query_not_stored=True, query_fully_stored=True))
     states = []
     for future in futures:
@@ -191,11 +191,11 @@ def box_not_stored(array, box: Box) -> bool:
         return not box.empty and not array.stored_files(box)
     if array.fill_value is not None and np.any(np.asarray(array.fill_value) != 0):
         return False
-    inside = box.intersect(io.array_domain(array))
+    inside = box.intersect(arrays.array_domain(array))
     if inside.empty:
         return True
     try:
-        statistics = array[io.region_index(inside)].storage_statistics(query_not_stored=True).result()
+        statistics = array[arrays.region_index(inside)].storage_statistics(query_not_stored=True).result()
     except ValueError:  # e.g. a corrupt shard index: the read that follows reports it, naming the file
         return False
     return bool(statistics.not_stored)

@@ -1,0 +1,38 @@
+"""What a worker needs for one pass of one layer: plain, picklable data built by
+planning (`plan.passes`) and read by the unit's work (`transforms.work`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from beam_downsample.core.box import Box
+from beam_downsample.core.mags import Mag
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelConfig:
+    mag: Mag
+    factor: Mag  # from the level before (or the pass's source)
+    region: Box  # the layer's bounding box aligned outward, in this mag's voxels
+    spec: dict  # tensorstore spec of the (already created) target array
+    write: Box | None = None  # a `--bbox` refresh writes only these voxels (the box aligned outward)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Everything a worker needs for one pass of one layer: plain, picklable data."""
+
+    layer: str
+    pass_index: int
+    source_mag: Mag
+    source_spec: dict
+    source_region: Box  # the bounding box aligned outward, in source-mag voxels
+    channels: int
+    interpolation: str
+    levels: tuple[LevelConfig, ...]
+    marker_dir: str  # done-markers of this pass's units live here
+    tile_alignment: tuple[int, int, int] = (32, 32, 32)
+    threads: int = 1
+    tile_voxels: int = 16 << 20
+    refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
+    compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)

@@ -1,0 +1,66 @@
+"""What a plan tells the user: the dry-run text, each pass's size, interrupted refreshes."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from beam_downsample.core.mags import mag_name
+from beam_downsample.plan import refresh
+from beam_downsample.plan.job import LayerPlan, each_pass, pass_units
+from beam_downsample.plan.units import unit_memory, units_work
+from beam_downsample.store import storage
+from beam_downsample.store.arrays import STATE_DIR
+from beam_downsample.store.properties import Dataset
+
+
+def describe(plans: Sequence[LayerPlan]) -> str:
+    lines = []
+    for plan in plans:
+        if not plan.target_mags:
+            lines.append(f"{plan.layer.name}: nothing to do (already at the coarsest mag)")
+            continue
+        passes = "; ".join(
+            f"pass {i + 1}: {mag_name(p.source_mag)} -> {', '.join(mag_name(m) for m in p.target_mags)} "
+            f"in {len(indices):,} work units of up to {unit_memory(plan, i) / (1 << 20):.1f} MiB"
+            + _sparse_note(plan, i)
+            for i, (p, indices) in enumerate(zip(plan.passes, plan.planned))
+        )
+        lines.append(f"{plan.layer.name}: {passes}")
+    return "\n".join(lines)
+
+
+def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
+    """(work units, estimated CPU-s) of each pass as planned, all layers together (a pass runs every layer's units)."""
+    sizes = []
+    for index, active, _ in each_pass(plans):
+        planned = pass_units(plans, index, listed=False)
+        sizes.append((sum(map(len, planned)), units_work(active, index, planned)))
+    return sizes
+
+
+def _sparse_note(plan: LayerPlan, index: int) -> str:
+    """`(6 of 1,048,576 work units hold data)`; later passes are an upper bound until pass 1 ran."""
+    if plan.configs[index].refresh:
+        return f" (refreshing --bbox {refresh.box_text(plan.refresh_box)} of existing mags)"
+    if index == 0 and plan.dense_reason:
+        return f" (planned densely: {plan.dense_reason})"
+    count, total = len(plan.planned[index]), plan.grids[index].count
+    if count == total:
+        return ""
+    listed = index == 0 or plan.configs[index - 1].refresh  # planned from a listing of a complete mag
+    return f" ({'' if listed else 'at most '}{count:,} of {total:,} work units hold data)"
+
+
+def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
+    """Warnings for refreshes of these layers that were interrupted and not rerun: their
+    mags are partly refreshed until the same `--bbox` runs again (one listing per layer)."""
+    warnings = []
+    for plan in plans:
+        names = storage.list_names(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
+        for box in refresh.interrupted(names):
+            if box != plan.refresh_box:
+                warnings.append(
+                    f"layer {plan.layer.name!r}: a --bbox {refresh.box_text(box)} refresh was interrupted, so its "
+                    f"mags are partly refreshed; rerun it: --bbox {refresh.box_text(box)}"
+                )
+    return warnings

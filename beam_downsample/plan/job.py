@@ -1,0 +1,103 @@
+"""Plans a job: per layer the mags, the passes, each pass's unit grid and planned units,
+from the properties and listings of what is stored. Writes nothing: everything is
+checked here before the first byte is written (`run.job` runs the plan).
+
+`plan_job` reads top to bottom: the layers (`layers`), their mags
+(`pyramid`), the passes that make them (`passes`), the units of each pass
+(`units`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from beam_downsample.core.box import Box
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.errors import PlanningError
+from beam_downsample.core.grid import Pass, UnitGrid, WorkUnit
+from beam_downsample.core.mags import Mag
+from beam_downsample.plan import layers, passes, pyramid, units
+from beam_downsample.plan.options import JobOptions
+from beam_downsample.plan.passes import WORKER_OVERHEAD_BYTES
+from beam_downsample.store.properties import Dataset, Layer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """Per pass: the unit grid (arithmetic) and the planned unit indices.
+
+    Pass 1's indices come from a listing of the source mag (the units that
+    hold data); a later pass's are an upper bound mapped from the pass
+    before, replaced by a listing of its source once that is written.
+    """
+
+    layer: Layer
+    target_mags: tuple[Mag, ...]
+    passes: tuple[Pass, ...]
+    grids: tuple[UnitGrid, ...]  # per pass
+    planned: tuple[np.ndarray, ...]  # per pass: sorted unit indices
+    configs: tuple[PassConfig, ...]  # per pass
+    dense_reason: Optional[str] = None  # why pass 1 plans every unit
+    refresh_box: Optional[Box] = None  # `--bbox` within the layer; its passes with `config.refresh` refresh it
+
+    @property
+    def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
+        """The planned units as objects (small layers and tests only: this enumerates them)."""
+        return tuple(tuple(grid.units(indices)) for grid, indices in zip(self.grids, self.planned))
+
+
+def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
+    """Plans every selected layer; raises DatasetError/PlanningError/RefreshError before touching anything."""
+    chosen = layers.select(dataset, options)
+    align_with = pyramid.aligned_with(dataset, chosen, options)
+    budget = passes.unit_budget(options)
+    plans = []
+    for layer in chosen:
+        source = layers.source_mag(layer, options)
+        targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
+        chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
+        grids, planned, configs, dense_reason = units.layer_units(layer, chain, budget)
+        plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box)
+        check_worker_memory(plan, options)
+        plans.append(plan)
+    layers.check_write_paths(dataset, plans)
+    return plans
+
+
+def check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
+    """A cluster worker whose memory cannot hold even the smallest unit would be killed
+    again and again (SLURM's --mem, the dask nanny): refuse before submitting anything."""
+    if options.worker_memory is None:
+        return
+    for index in range(len(plan.passes)):
+        need = WORKER_OVERHEAD_BYTES + units.unit_memory(plan, index)
+        if need > options.worker_memory:
+            raise PlanningError(
+                f"layer {plan.layer.name!r} pass {index + 1}: a worker needs about {need / (1 << 20):.0f} MiB "
+                f"(~{WORKER_OVERHEAD_BYTES >> 20} MiB for itself plus its work unit), more than the "
+                f"{options.worker_memory / (1 << 20):.0f} MiB of one worker; raise mem in --job-resources "
+                "(or --memory-budget where there is no mem)"
+            )
+
+
+def each_pass(plans: Sequence[LayerPlan]):
+    """(index, active plans, configs) of each pass, all layers of a pass together."""
+    for index in range(max((len(p.passes) for p in plans), default=0)):
+        active = [p for p in plans if index < len(p.passes)]
+        yield index, active, [p.configs[index] for p in active]
+
+
+def pass_units(plans: Sequence[LayerPlan], index: int, listed: bool = True) -> list[np.ndarray]:
+    """Per active layer, the unit indices pass `index` must have done.
+
+    Pass 1's come from planning. A later pass lists its source, the mag the
+    pass before just wrote (`listed`), so it runs only where that pass stored
+    data; unlisted (Dataflow's --dry_run, before anything ran) it takes the
+    planning's upper bound.
+    """
+    active = [p for p in plans if index < len(p.passes)]
+    return [p.planned[index] if index == 0 or not listed or p.configs[index].refresh
+            else units.source_units(p.configs[index], p.grids[index])[0] for p in active]

@@ -1,0 +1,244 @@
+"""Planning step 4: each pass's unit grid and the units that hold data.
+
+Pass 1's units come from a listing of the source mag; a later pass's are an
+upper bound mapped from the pass before (`map_units`), replaced by a
+listing of its source once that is written (`plan.job.pass_units`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from beam_downsample.core import sizing
+from beam_downsample.core.box import Box
+from beam_downsample.core.config import PassConfig
+from beam_downsample.core.errors import PlanningError
+from beam_downsample.core.grid import CHUNK, MAX_GRID_UNITS, SHARD, Pass, UnitBudget, UnitGrid, WorkUnit, source_region
+from beam_downsample.core.mags import factor_between
+from beam_downsample.plan import refresh
+from beam_downsample.plan.passes import LayerPasses
+from beam_downsample.store import arrays, stored
+from beam_downsample.store.properties import Layer
+
+if TYPE_CHECKING:
+    from beam_downsample.plan.job import LayerPlan
+
+
+# Candidate units the launcher checks at planning (a sharded zarr3 array's shard indices, one read
+# per stored shard; else storage statistics, ~0.15 ms each locally), so at most ~15 s.
+REFINE_LIMIT = 100_000
+
+
+REFINE_CACHE_BYTES = 256 << 20  # shard indices read once, not once per unit
+
+
+# A pass reducing fewer source voxels uses the numpy kernels: numba's import and cached-kernel
+# load (~0.3-0.5 CPU-s per process) would cost more than they save (numpy's mode: ~200 MVox/s).
+COMPILED_MIN_VOXELS = 32 << 20
+
+
+def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[tuple, tuple, tuple, Optional[str]]:
+    """Per pass the unit grid, the planned unit indices and the config (whether the pass
+    uses the compiled kernels depends on its units); and why pass 1 plans every unit, if it does."""
+    bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
+    grids: list[UnitGrid] = []
+    planned: list[np.ndarray] = []
+    configs: list[PassConfig] = []
+    dense_reason = None
+    for index, (a_pass, config) in enumerate(zip(chain.passes, chain.configs)):
+        refreshes = index < chain.refreshing
+        grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
+        if refreshes:
+            grid = refresh.refresh_grid(grid, a_pass, chain.box)
+        if index == 0 or index == chain.refreshing:  # the source is a complete mag: list it
+            indices, reason = source_units(config, grid)
+            if not refreshes:
+                dense_reason = reason
+        else:  # the pass before has not run yet: what it can have written
+            indices = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid)
+        if refreshes:  # also where the targets hold data, which the edit may have erased
+            indices = refresh_units(config, grid, indices)
+        grids.append(grid)
+        planned.append(indices)
+        configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS))
+    return tuple(grids), tuple(planned), tuple(configs), dense_reason
+
+
+def unit_shape(
+    a_pass: Pass,
+    bytes_per_voxel: int,
+    budget: UnitBudget,
+    region_shape: Sequence[int],
+) -> tuple[int, int, int]:
+    """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
+
+    Units never exceed one shard of the pass's first target mag, so one unit
+    writes each level with one call into one shard.
+    """
+    factor = factor_between(a_pass.source_mag, a_pass.coarsest)
+    first = factor_between(a_pass.source_mag, a_pass.target_mags[0])
+    shape = [CHUNK * f for f in factor]
+    limit = [SHARD * f for f in first]
+    # Never grow past what the region needs (rounded up to the alignment).
+    needed = [max(-(-r // s) * s, s) for r, s in zip(region_shape, shape)]
+    grown = True
+    while grown:
+        grown = False
+        for axis in sorted(range(3), key=lambda a: shape[a]):
+            candidate = list(shape)
+            candidate[axis] *= 2
+            if (
+                shape[axis] < needed[axis]
+                and candidate[axis] <= limit[axis]
+                and budget.unit_bytes(a_pass, candidate, bytes_per_voxel) <= budget.bytes
+            ):
+                shape = candidate
+                grown = True
+                break
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def plan_grid(
+    layer: str,
+    pass_index: int,
+    a_pass: Pass,
+    bbox_mag1: Box,
+    bytes_per_voxel: int,
+    budget: UnitBudget,
+) -> UnitGrid:
+    """The pass's source region (its coarsest mag's region, in source voxels) and unit shape."""
+    needed = source_region(bbox_mag1, a_pass)
+    shape = unit_shape(a_pass, bytes_per_voxel, budget, needed.shape)
+    grid = UnitGrid(layer, pass_index, needed, shape)
+    if grid.count > MAX_GRID_UNITS:
+        raise PlanningError(
+            f"layer {layer!r}: pass {pass_index + 1} would need {grid.count} work units (at most {MAX_GRID_UNITS}); "
+            "is the boundingBox right? Otherwise raise --memory-budget for larger units"
+        )
+    return grid
+
+
+def plan_units(
+    layer: str,
+    pass_index: int,
+    a_pass: Pass,
+    bbox_mag1: Box,
+    bytes_per_voxel: int,
+    budget: UnitBudget,
+) -> list[WorkUnit]:
+    """Every unit of the pass (a dense plan), in index order; for small layers and tests."""
+    grid = plan_grid(layer, pass_index, a_pass, bbox_mag1, bytes_per_voxel, budget)
+    return grid.units(grid.all_indices())
+
+
+def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tuple[np.ndarray, Optional[str]]:
+    """The grid's units whose source box holds stored data, from one listing of the
+    source mag: (indices, None), or (every index, why) where a listing cannot tell."""
+    try:
+        return stored_units(config.source_spec, grid, refine=refine), None
+    except stored.Dense as reason:
+        return grid.all_indices(), str(reason)
+
+
+def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True) -> np.ndarray:
+    """The grid's units whose box holds stored data in the array of `spec` (`factor` times
+    coarser than the grid's voxels), from one listing of its keys; raises stored.Dense.
+
+    Where a stored key covers several units (a 1024^3 shard, a wkw file) and the
+    candidates are few, a sharded zarr3 array lists the chunks each stored shard
+    holds (one read of its index), others check each candidate with tensorstore's
+    storage statistics (no data read), all at once.
+    """
+    factor = np.array(factor)
+    starts, stops = stored.stored_boxes(spec)
+    indices = grid.overlapping(starts * factor, stops * factor)
+    if not refine or not 0 < len(indices) <= REFINE_LIMIT or spec["driver"] == "wkw":
+        return indices
+    chunks = stored.stored_chunk_boxes(spec, starts) if spec["driver"] == "zarr3" else None
+    if chunks is not None:
+        return grid.overlapping(chunks[0] * factor, chunks[1] * factor)
+    return _refine(spec, grid, indices, factor)
+
+
+def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor) -> np.ndarray:
+    """The units `indices` whose box holds something stored, by storage statistics."""
+    context = ts.Context({"cache_pool": {"total_bytes_limit": REFINE_CACHE_BYTES}})
+    # The array is complete and unchanging: cached shard indices are used without revalidation
+    # (on GCS each revalidation is a request: 33,308 GETs to plan 164 units, benchmarks/gcs_requests.py).
+    array = arrays.open_array(spec, context, open=True, recheck_cached_data=False)
+    starts, stops = grid.boxes(indices)
+    starts, stops = starts // factor, -(-stops // factor)
+    futures = [
+        array[arrays.region_index(Box(tuple(a), tuple(b)))].storage_statistics(query_not_stored=True)
+        for a, b in zip(starts.tolist(), stops.tolist())
+    ]
+    try:
+        keep = np.array([not future.result().not_stored for future in futures], dtype=bool)
+    except ValueError:  # e.g. a corrupt shard index: its units run and fail with the reason, in one line
+        return indices
+    return indices[keep]
+
+
+def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.ndarray:
+    """A refresh pass's units: where its source holds data (`source`), and where its first
+    target mag holds data, which must be cleared if the edit erased it (one listing, then
+    the shard indices or storage statistics of the candidates), so a big box over a sparse
+    layer stays cheap.
+
+    The first target mag suffices: zeros reduce to zeros with every interpolation, so a
+    voxel of a coarser mag that is not 0 has a voxel that is not 0 in its footprint in
+    each finer mag (outside the box a refresh trusts the existing mags anyway)."""
+    level = config.levels[0]
+    try:
+        target = stored_units(level.spec, grid, level.factor)
+    except stored.Dense:
+        return grid.all_indices()
+    return np.union1d(source, target)
+
+
+def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid: UnitGrid) -> np.ndarray:
+    """Units of the next pass that the previous pass's units `indices` can have written into
+    (an upper bound, by arithmetic: nothing is listed)."""
+    starts, stops = previous.boxes(indices)
+    factor = np.array(factor_between(previous_pass.source_mag, previous_pass.coarsest))
+    return grid.overlapping(starts // factor, -(-stops // factor))
+
+
+def _voxels(grid: UnitGrid, indices: np.ndarray) -> int:
+    starts, stops = grid.boxes(indices)
+    return int(np.prod(stops - starts, axis=1).sum()) if len(indices) else 0
+
+
+def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndarray]) -> float:
+    """Estimated CPU-s of pass `index`'s units `indices` (per active layer), from their voxels
+    and sizing's per-voxel cost of each layer's voxel type."""
+    work = []
+    for plan, chosen in zip(plans, indices):
+        work.append((_voxels(plan.grids[index], chosen), plan.layer.dtype.itemsize * plan.layer.num_channels))
+    return sizing.work_seconds(work)
+
+
+def unit_memory(plan: LayerPlan, index: int) -> float:
+    """Estimated peak memory of the pass's largest unit (the model that sized the units)."""
+    config = plan.configs[index]
+    budget = UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels)
+    bytes_per_voxel = plan.layer.dtype.itemsize * plan.layer.num_channels
+    return budget.unit_bytes(plan.passes[index], _largest_unit(plan.grids[index]), bytes_per_voxel)
+
+
+def _largest_unit(grid: UnitGrid) -> tuple[int, ...]:
+    """Per axis the longest unit (cells clipped to the region); the axes are independent."""
+    largest = []
+    for axis in range(3):
+        size, start, stop = grid.shape[axis], grid.region.start[axis], grid.region.stop[axis]
+        first_end = min((start // size + 1) * size, stop)
+        last_start = max((-(-stop // size) - 1) * size, start)
+        longest = max(first_end - start, stop - last_start)
+        if grid.counts[axis] > 2:
+            longest = size
+        largest.append(longest)
+    return tuple(largest)

@@ -1,0 +1,1 @@
+"""Run state that work units write next to the dataset: done-markers, worker state, progress tallies."""
