@@ -5,6 +5,8 @@ DASK = ["dask>=2024.4.2", "distributed>=2024.4.2"]
 SLURM = [*DASK, "dask-jobqueue>=0.8.5"]
 # kubernetes>=37 needs python-dateutil>=3, which apache-beam (<3) refuses.
 KUBERNETES = [*DASK, "dask-kubernetes>=2024.5.0", "kubernetes>=12.0.1,<37"]
+# The documentation site (mkdocs.yml, docs/): `mkdocs build --strict`; tests/test_docs.py builds it.
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
 setup(
     name="beam-downsample",
@@ -37,6 +39,7 @@ setup(
         "kubernetes": KUBERNETES,
         # `build` makes the sdist of setup.py that Dataflow's workers install (else Beam's legacy fallback).
         "gcp": ["apache-beam[gcp]>=2.60", "build>=1.0"],
+        "docs": DOCS,
         # DataflowRunner builds a job offline (--dry_run=True) with just the Dataflow client.
         "test": [
             "pytest>=7",
@@ -48,6 +51,7 @@ setup(
             *KUBERNETES,
             "google-cloud-dataflow-client>=0.13",
             "build>=1.0",
+            *DOCS,
         ],
     },
     entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
