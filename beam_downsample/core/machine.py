@@ -10,11 +10,13 @@ import ctypes
 import os
 import re
 
+from beam_downsample.core.errors import UsageError
+
 OVERRIDE_VARIABLE = "BEAM_DOWNSAMPLE_MACHINE"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*")
 
 
-class MachineError(ValueError):
+class MachineError(UsageError):
     """BEAM_DOWNSAMPLE_MACHINE cannot be read."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence, Tuple
 
+from beam_downsample.core.errors import UsageError
+
 Mag = Tuple[int, int, int]
 
 
-class MagError(ValueError):
+class MagError(UsageError):
     """A mag written by a user (flag or properties) that is not valid."""
 
 

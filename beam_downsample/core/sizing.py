@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional
 
+from beam_downsample.core.errors import UsageError
+
 MIB = 1 << 20
 GIB = 1 << 30
 PROCESS_BYTES = 300 * MIB  # interpreter, Beam, tensorstore and its pools (launcher and each worker)
@@ -41,7 +43,7 @@ TILE_OVERHEAD = 3  # core.grid.UnitBudget.TILE_OVERHEAD: a tile in flight holds 
 TILE_BYTES_PER_VOXEL = 4  # tiles are sized for uint32 voxels (the usual segmentation)
 
 
-class SizingError(ValueError):
+class SizingError(UsageError):
     """An explicit --jobs/--memory-budget combination the budget cannot hold."""
 
 

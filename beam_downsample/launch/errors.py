@@ -1,5 +1,5 @@
-"""Errors of the launcher."""
+"""Errors of the launcher: the command line's are `core.errors.UsageError`."""
 
+from beam_downsample.core.errors import UsageError
 
-class UsageError(ValueError):
-    """A command-line problem: one line naming the option, exit status 2."""
+__all__ = ["UsageError"]

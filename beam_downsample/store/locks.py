@@ -8,6 +8,7 @@ import socket
 import time
 from typing import Callable, Sequence
 
+from beam_downsample.core.errors import DatasetError
 from beam_downsample.core.machine import pid_alive
 from beam_downsample.store import storage
 from beam_downsample.store.arrays import STATE_DIR
@@ -18,8 +19,8 @@ def lock_path(dataset_path: str, layer_name: str) -> str:
     return storage.join_inside(dataset_path, STATE_DIR, f"{layer_name}.lock")
 
 
-class LockError(RuntimeError):
-    """Another run holds the layer."""
+class LockError(DatasetError):
+    """Another run holds the layer (nothing was touched)."""
 
 
 class LayerLocks:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from beam_downsample.core.box import Box
+from beam_downsample.core.errors import DatasetError
 from beam_downsample.core.mags import Mag, MagError, mag_name, parse_mag, sort_mags
 from beam_downsample.store import storage
 
@@ -77,10 +78,6 @@ def mag_entry(layer_name: str, mag: Mag, data_format: str) -> dict:
         entry["cubeLength"] = WKW_CUBE_LENGTH
     entry["axisOrder"] = dict(AXIS_ORDER)
     return entry
-
-
-class DatasetError(ValueError):
-    """The dataset on disk is not one we can downsample; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)

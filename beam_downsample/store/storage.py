@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
+from beam_downsample.core.errors import DatasetError, RunError
+
 GCS_SCHEME = "gs://"
 TEMP_PREFIX = ".beam-downsample-tmp-"
 UPDATE_ATTEMPTS = 50  # read-modify-write retries when another writer wins the generation race
@@ -53,7 +55,7 @@ def normpath(path: str) -> str:
     return f"{GCS_SCHEME}{bucket}" + ("" if key in ("", ".") else f"/{key}")
 
 
-class OutsideTargetError(ValueError):
+class OutsideTargetError(DatasetError):
     """A path we would write resolves outside TARGET; the message says which and why."""
 
 
@@ -280,7 +282,7 @@ class _Gcs:
                 return updated
             except errors.PreconditionFailed:
                 time.sleep(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
-        raise RuntimeError(f"{url}: gave up after {UPDATE_ATTEMPTS} concurrent updates in a row")
+        raise RunError(f"{url}: gave up after {UPDATE_ATTEMPTS} concurrent updates in a row")
 
     @staticmethod
     def write_text(url: str, text: str) -> None:
