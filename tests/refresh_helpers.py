@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -61,3 +62,19 @@ def edit_finest_mag(path, box6, seed: int) -> None:
         data = rng.integers(1, 200, (layer.num_channels, *inside.shape)).astype(layer.dtype)
         data[..., : max(inside.shape[2] // 3, 1)] = 0
         arrays.write_region(array, inside, data).result()
+
+
+def copy_pyramid(pyramid, target) -> None:
+    """Every mag but mag 1, the layers' metadata and the properties of `pyramid` into `target`
+    (whose mag 1 was written with edited data): a pyramid made before the edit (stale)."""
+    for layer in os.listdir(pyramid):
+        if not (pyramid / layer).is_dir():
+            continue
+        for name in os.listdir(pyramid / layer):
+            if name == "1":
+                continue
+            source, dest = pyramid / layer / name, target / layer / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
+    shutil.copy2(pyramid / "datasource-properties.json", target / "datasource-properties.json")

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from beam_downsample.launch import cli
+from beam_downsample.launch import api, cli
 from conftest import PROPERTIES, read_properties, run_cli, tree_digest, write_properties
 
 PROG = "beam-downsample"
@@ -333,4 +333,4 @@ def test_subprocess_dry_run_with_beam_flag(tiny_dataset):
     ("2GB", 2_000_000_000), ("1500MB", 1_500_000_000), ("1tb", 10**12),
 ])
 def test_memory_budget_sizes_binary_and_decimal(text, size):
-    assert cli._parse_size(text) == size
+    assert api.parse_size(text) == size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from beam_downsample.launch.cli import _ProgressBar
+from beam_downsample.launch.progressbar import ProgressBar as _ProgressBar
 
 LABEL = "pass 1/2: color 2-2-1"
 

@@ -24,7 +24,7 @@ from beam_downsample.plan.options import JobOptions
 from beam_downsample.store import arrays
 from beam_downsample.store.properties import load_dataset
 from conftest import run_cli, tree_digest
-from refresh_helpers import assert_same_pyramid, mag_voxels
+from refresh_helpers import assert_same_pyramid, copy_pyramid, mag_voxels
 from resilience_helpers import kill_group, start_cli, wait_until
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -82,22 +82,6 @@ def pyramids(tmp_path_factory):
         run_ok(path, *ARGS)
         made[data_format] = path
     return made
-
-
-def copy_pyramid(pyramid, target) -> None:
-    """Every mag but mag 1, the layers' metadata and the properties of `pyramid` into `target`
-    (whose mag 1 was written with edited data): a pyramid made before the edit (stale)."""
-    for layer in os.listdir(pyramid):
-        if not (pyramid / layer).is_dir():
-            continue
-        for name in os.listdir(pyramid / layer):
-            if name == "1":
-                continue
-            source, dest = pyramid / layer / name, target / layer / name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, dest)
-    shutil.copy2(pyramid / "datasource-properties.json", target / "datasource-properties.json")
 
 
 def stale_copy(pyramid, box6, target, data_format: str):
@@ -383,8 +367,8 @@ def test_passes_with_little_work_use_the_numpy_kernels(pyramids, tmp_path, monke
     """A 20x20x10 refresh (and the small passes of a run) must not pay for loading numba; a
     pass of many voxels must use it. The two kernels give the same bytes (test_reduce.py)."""
     dataset = load_dataset(str(pyramids["zarr3"]))
-    small = plan_job(dataset, JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    small = plan_job(dataset, JobOptions(bboxes=(Box((3, 5, 7), (23, 25, 17)),), coarsest_mag=(16, 16, 16)))
     assert all(not config.compiled for plan in small for config in plan.configs)
     monkeypatch.setattr("beam_downsample.plan.units.COMPILED_MIN_VOXELS", 1000)
-    full = plan_job(dataset, JobOptions(bbox=Box((3, 5, 7), (23, 25, 17)), coarsest_mag=(16, 16, 16)))
+    full = plan_job(dataset, JobOptions(bboxes=(Box((3, 5, 7), (23, 25, 17)),), coarsest_mag=(16, 16, 16)))
     assert all(plan.configs[0].compiled for plan in full)

@@ -77,3 +77,44 @@ def split_box(box: Box, align: Sequence[int], max_voxels: int) -> list[Box]:
 def region_in_mag(bbox_mag1: Box, mag: Mag) -> Box:
     """The layer's bounding box aligned outward to `mag`, in `mag` voxels."""
     return bbox_mag1.scaled_down(mag)
+
+
+def hull(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding every box of `boxes` (at least one)."""
+    return Box(
+        tuple(min(b.start[axis] for b in boxes) for axis in range(3)),  # type: ignore[arg-type]
+        tuple(max(b.stop[axis] for b in boxes) for axis in range(3)),  # type: ignore[arg-type]
+    )
+
+
+def subtract(box: Box, other: Box) -> list[Box]:
+    """`box` minus `other` as at most six disjoint boxes (slabs cut off axis by axis)."""
+    if box.intersect(other).empty:
+        return [box]
+    pieces = []
+    start, stop = list(box.start), list(box.stop)
+    for axis in range(3):
+        if start[axis] < other.start[axis]:
+            low = list(stop)
+            low[axis] = other.start[axis]
+            pieces.append(Box(tuple(start), tuple(low)))  # type: ignore[arg-type]
+            start[axis] = other.start[axis]
+        if stop[axis] > other.stop[axis]:
+            high = list(start)
+            high[axis] = other.stop[axis]
+            pieces.append(Box(tuple(high), tuple(stop)))  # type: ignore[arg-type]
+            stop[axis] = other.stop[axis]
+    return pieces
+
+
+def disjoint(boxes: Sequence[Box]) -> list[Box]:
+    """Disjoint boxes covering exactly the union of `boxes` (empty ones dropped): each
+    voxel of overlapping, duplicate or nested boxes is covered once. Pieces keep
+    every alignment the boxes share (they are cut only at the boxes' faces)."""
+    result: list[Box] = []
+    for box in boxes:
+        pieces = [] if box.empty else [box]
+        for taken in result:
+            pieces = [piece for p in pieces for piece in subtract(p, taken)]
+        result.extend(pieces)
+    return result

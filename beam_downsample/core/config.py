@@ -15,7 +15,7 @@ class LevelConfig:
     factor: Mag  # from the level before (or the pass's source)
     region: Box  # the layer's bounding box aligned outward, in this mag's voxels
     spec: dict  # tensorstore spec of the (already created) target array
-    write: Box | None = None  # a `--bbox` refresh writes only these voxels (the box aligned outward)
+    writes: tuple[Box, ...] = ()  # a `--bbox` refresh writes only these voxels (its boxes aligned outward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,4 +35,6 @@ class PassConfig:
     threads: int = 1
     tile_voxels: int = 16 << 20
     refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
+    # a refresh reads and reduces only these source voxels of a unit (its boxes' source regions)
+    regions: tuple[Box, ...] = ()
     compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)

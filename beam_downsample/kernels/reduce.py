@@ -304,6 +304,7 @@ def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_
 _LOADED: set = set()
 _LOADING: dict = {}
 _LOAD_LOCK = threading.Lock()
+_LOADERS: list = []  # loader threads started (joined by `wait_for_loaders`)
 
 
 def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
@@ -319,7 +320,19 @@ def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
             _LOADING[key] = True
         wanted.append(key)
     if wanted:
-        threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True).start()
+        loader = threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True)
+        with _LOAD_LOCK:
+            _LOADERS[:] = [thread for thread in _LOADERS if thread.is_alive()] + [loader]
+        loader.start()
+
+
+def wait_for_loaders() -> None:
+    """Waits for the loader threads this process started: none of ours may outlive a run (a
+    library call), and a thread inside numba's compiler at interpreter exit can crash it."""
+    with _LOAD_LOCK:
+        loaders = list(_LOADERS)
+    for loader in loaders:
+        loader.join()
 
 
 def _load(keys) -> None:

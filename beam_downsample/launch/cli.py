@@ -1,8 +1,11 @@
 """`beam-downsample TARGET [options] [Beam pipeline flags]`.
 
 absl flags for our options; whatever is left must be a Beam pipeline flag
-(checked, because Beam ignores typos) and goes to PipelineOptions. Usage
-errors print one line and exit with status 2 before anything is written.
+(checked, because Beam ignores typos) and goes to PipelineOptions. The
+command is a thin layer over the library (`launch.api`): parse the flags,
+call it, print, choose the exit status. Usage and dataset errors print one
+line and exit with status 2 before anything is written; a fault during the
+run exits with 1, Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -15,11 +18,8 @@ _COLLECTING = gc.isenabled()
 gc.disable()
 
 import logging  # noqa: E402 pylint: disable=wrong-import-position
-import math
-import re
 import sys
-import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import flags
 
@@ -28,28 +28,22 @@ from beam_downsample.launch.worker import configure_quiet_logging
 configure_quiet_logging()  # before Beam is imported: it warns about optional GCP clients
 
 # pylint: disable=wrong-import-position
-from beam_downsample.core import machine, sizing
-from beam_downsample.core.errors import PlanningError
+from beam_downsample.core.errors import Error, RunError, UsageError
 from beam_downsample.core.machine import limit_malloc_arenas
-from beam_downsample.core.mags import MagError, parse_mag
 from beam_downsample.kernels import reduce
-from beam_downsample.launch import runners
-from beam_downsample import plan
+from beam_downsample.launch import api, runners
 from beam_downsample.plan import refresh
-from beam_downsample.plan.pyramid import SAMPLING_MODES
-from beam_downsample.run import job
-from beam_downsample.store import locks, storage
-from beam_downsample.store.properties import DatasetError, load_dataset
+from beam_downsample.plan.options import SAMPLING_MODES
 
 if _COLLECTING:
     gc.enable()
 
 FLAGS = flags.FlagValues()
 
-flags.DEFINE_enum(
-    "sampling-mode", "anisotropic", SAMPLING_MODES,
-    "How each step grows the mag: anisotropic follows the voxel size, isotropic doubles every axis, "
-    "constant_z keeps z.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "sampling-mode", "anisotropic",
+    f"One of {', '.join(SAMPLING_MODES)}: how each step grows the mag: anisotropic follows the voxel size, "
+    "isotropic doubles every axis, constant_z keeps z.", flag_values=FLAGS)
 flags.DEFINE_string("layer-name", None, "Only downsample this layer (default: all layers).", flag_values=FLAGS)
 flags.DEFINE_string(
     "coarsest-mag", None,
@@ -78,20 +72,26 @@ flags.DEFINE_string(
     "dask-scheduler", None,
     "With --distribution-strategy dask: address of a running dask scheduler to use (default: a LocalCluster "
     "of --jobs workers).", flag_values=FLAGS)
-flags.DEFINE_enum(
-    "interpolation", None, reduce.INTERPOLATIONS,
-    "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "interpolation", None,
+    f"One of {', '.join(reduce.INTERPOLATIONS)}: override the per-category default (color: median, "
+    "segmentation: mode).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
     "By default 2G, or what the worker processes need (300 MiB each plus a 1 GiB unit) if more, at most half the "
     "machine's memory.",
     flag_values=FLAGS)
-flags.DEFINE_string(
+flags.DEFINE_multi_string(
     "bbox", None,
     "x,y,z,width,height,depth in mag-1 voxels: after an edit of the finest mag inside this box, refresh the "
     "layer's existing mags there (each mag's part of the box, aligned outward); planned mags the layer lacks "
-    "are made in full.", flag_values=FLAGS)
+    "are made in full. May be given several times: one refresh runs the union of the boxes' units once.",
+    flag_values=FLAGS)
+flags.DEFINE_string(
+    "bbox-file", None,
+    "More --bbox boxes from a file: one x,y,z,width,height,depth per line (# comments), or a JSON list of "
+    "such strings, six-number lists or WEBKNOSSOS bounding boxes.", flag_values=FLAGS)
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
@@ -102,30 +102,21 @@ gs://bucket/path (Application Default Credentials; STORAGE_EMULATOR_HOST for an 
 """
 
 
-class _Usage(Exception):
-    pass
-
-
 def _fail(message: str) -> int:
     print(f"beam-downsample: error: {message}", file=sys.stderr)
     return 2
 
 
-def _parse_size(text: str) -> int:
-    """`2G`, `2GiB`, `1500M`: powers of 1024; `2GB`, `1500MB`: powers of 1000."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*", text)
-    if not match:
-        raise runners.UsageError(f"--memory-budget: {text!r} is not a size like 2G, 2GB or 1500M")
-    prefix, binary, byte = match.group(2).lower(), match.group(3), match.group(4)
-    base = 1000 if prefix and byte and not binary else 1024
-    value = int(float(match.group(1)) * base ** " kmgt".index(prefix or " "))
-    if value < 256 << 20:
-        raise runners.UsageError(f"--memory-budget: {text!r} is too small (at least 256M)")
-    return value
-
-
 def _flag_value(name: str):
     return FLAGS[name].value
+
+
+def _refuse_repeated() -> None:
+    """absl keeps the last value of a single-valued flag given twice: refused instead."""
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        if flag.present > 1 and not isinstance(flag, flags.MultiFlag):
+            raise UsageError(f"--{flag.name} was given {flag.present} times; give it once "
+                             "(only --bbox may be repeated)")
 
 
 def _print_help() -> None:
@@ -136,6 +127,9 @@ def _print_help() -> None:
         print(f"  --{flag.name}: {flag.help}{default}")
     print("  -h, --help: show this help and exit")
     print("\nAny other --flag must be an Apache Beam pipeline option (passed through to PipelineOptions).")
+
+
+RESUME = "(only complete mags are listed; rerun the same command to resume)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,192 +143,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     except flags.Error as error:
         return _fail(str(error).splitlines()[0])
     try:
+        _refuse_repeated()
         target_candidates, beam_flags = runners.split_beam_flags(rest[1:])
-    except runners.UsageError as error:
-        return _fail(str(error))
-    try:
         if not target_candidates:
-            raise runners.UsageError("missing TARGET (the dataset directory or gs://bucket/path); see --help")
+            raise UsageError("missing TARGET (the dataset directory or gs://bucket/path); see --help")
         if len(target_candidates) > 1:
-            raise runners.UsageError(f"expected one TARGET, got {len(target_candidates)}: {' '.join(target_candidates)}")
-        target = target_candidates[0]
-        strategy = _flag_value("distribution-strategy")
-        jobs = _flag_value("jobs")
-        given_budget = None if _flag_value("memory-budget") is None else _parse_size(_flag_value("memory-budget"))
-        engine = runners.plan_engine(
-            strategy, jobs, beam_flags, _flag_value("job-resources"), target, given_budget or sizing.FLOOR_BUDGET,
-            _flag_value("dask-scheduler"),
-        )
-        coarsest = None
-        if _flag_value("coarsest-mag") is not None:
-            try:
-                coarsest = parse_mag(_flag_value("coarsest-mag"))
-            except MagError as error:
-                raise runners.UsageError(f"--coarsest-mag: {error}") from None
-        box = None if _flag_value("bbox") is None else refresh.parse_box(_flag_value("bbox"))
-        dataset = load_dataset(target)
-        local = engine.worker_memory is None  # this machine's budget is shared by the launcher and its workers
-        sized = _sizing(dataset, strategy, jobs, given_budget, box) if local else None
-        if sized is not None:
-            engine = runners.sized(engine, sized)
-        options = plan.JobOptions(
-            sampling_mode=_flag_value("sampling-mode"),
+            raise UsageError(f"expected one TARGET, got {len(target_candidates)}: {' '.join(target_candidates)}")
+        job = api.prepare(
+            target_candidates[0],
             layer_name=_flag_value("layer-name"),
-            coarsest_mag=coarsest,
+            sampling_mode=_flag_value("sampling-mode"),
+            coarsest_mag=_flag_value("coarsest-mag"),
             interpolation=_flag_value("interpolation"),
-            memory_budget=sized.budget if sized else (given_budget or sizing.FLOOR_BUDGET),
-            jobs=sized.processes if sized else (jobs or machine.available_cores()),
-            worker_memory=engine.worker_memory,
-            worker_cores=engine.worker_cores,
-            bbox=box,
+            bboxes=[refresh.parse_box(text) for text in _flag_value("bbox") or ()],
+            bbox_file=_flag_value("bbox-file"),
+            distribution_strategy=_flag_value("distribution-strategy"),
+            jobs=_flag_value("jobs"),
+            memory_budget=_flag_value("memory-budget"),
+            job_resources=_flag_value("job-resources"),
+            dask_scheduler=_flag_value("dask-scheduler"),
+            pipeline_options=beam_flags,
         )
-        plans = plan.plan_job(dataset, options)
-    except (runners.UsageError, DatasetError, PlanningError, storage.OutsideTargetError, sizing.SizingError,
-            machine.MachineError, refresh.RefreshError) as error:
+    except Error as error:
         return _fail(str(error))
-    print(plan.describe(plans))
-    for warning in plan.interrupted_refreshes(dataset, plans):
+    print(job.plan)
+    for warning in job.warnings:
         _warn(warning)
     if _flag_value("dry-run"):
-        if sized is not None:
-            print(sized.describe(plan.pass_sizes(plans)))
-        print(engine.describe())
-        return 0
-    if not any(p.target_mags for p in plans):
+        print(job.describe_engine())
         return 0
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    if engine.build_only:  # nothing is created, locked or listed
-        try:
-            job.build_jobs_only(plans, engine.runner, engine.options)
-        except Exception as error:  # pylint: disable=broad-except
-            return _fail(f"building the Dataflow job failed: {_root_cause(error)}")
-        return 0
     try:
-        with locks.LayerLocks(dataset, [p.layer.name for p in plans], log=_warn):
-            job.create_targets(dataset, plans)
-            with engine.started() as (runner, pipeline_options), _ProgressBar(_pass_voxels(plans)) as bar:
-                metrics = job.run_job(
-                    dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
-                    record_failures=engine.record_failures,
-                )
-    except locks.LockError as error:
+        result = job.run(progress=True)
+    except RunError as error:
+        print(f"beam-downsample: error: {error} {RESUME}", file=sys.stderr)
+        return 1
+    except Error as error:
         return _fail(str(error))
     except KeyboardInterrupt:
-        print("beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)",
-              file=sys.stderr)
+        print(f"beam-downsample: interrupted {RESUME}", file=sys.stderr)
         return 130
-    except Exception as error:  # pylint: disable=broad-except
-        print(
-            f"beam-downsample: error: {_root_cause(error)} (only complete mags are listed; "
-            "rerun the same command to resume)",
-            file=sys.stderr,
-        )
-        return 1
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
-    print(f"done: {summary}" if summary else "done")
+    if result.dry_run:  # Dataflow's --dry_run=True: built, not run
+        return 0
+    if any(layer.made or layer.refreshed for layer in result.layers.values()):
+        summary = ", ".join(f"{k}={v}" for k, v in sorted(result.metrics.items()))
+        print(f"done: {summary}" if summary else "done")
     return 0
-
-
-def _sizing(dataset, strategy: str, jobs, budget, box=None) -> sizing.Sizing:
-    """Processes, budget and units for this machine (BEAM_DOWNSAMPLE_MACHINE plans for another);
-    a refresh is sized for its box (each pass is sized again for its units when it starts)."""
-    layer_name = _flag_value("layer-name")
-    layers = [layer for layer in dataset.layers if layer_name is None or layer.name == layer_name]
-    work = sizing.work_seconds(
-        ((layer.bbox if box is None else layer.bbox.intersect(box)).voxels // max(math.prod(layer.source_mag), 1),
-         layer.dtype.itemsize * layer.num_channels)
-        for layer in layers
-    )
-    here = sizing.Machine(machine.available_cores(), machine.total_memory())
-    return sizing.choose(here, strategy, jobs, budget, work)
 
 
 def _warn(message: str) -> None:
     print(f"beam-downsample: {message}", file=sys.stderr)
-
-
-def _root_cause(error: BaseException) -> str:
-    """The innermost message of an error that Beam re-raised through its layers."""
-    lines = [re.sub(r"\s*\[while running .*\]$", "", line.strip()) for line in str(error).splitlines()]
-    for line in reversed([line for line in lines if line]):
-        if not line.startswith(("File ", "Traceback", "raise ", "^", "return ")):
-            return line[:500]
-    return type(error).__name__
-
-
-class _ProgressBar:
-    """A tqdm bar on a terminal; in a log (not a terminal: a cluster job, a CI run) a line
-    every LOG_SECONDS and when a pass completes, so that a long run is never silent until `done`.
-
-    `pass_voxels[i]` is the source voxels of pass i+1 (all layers): the rate is the voxels
-    of the units done in this run, per second.
-    """
-
-    LOG_SECONDS = 30.0
-
-    def __init__(self, pass_voxels: Sequence[int] = (), stream=None, interval: Optional[float] = None,
-                 clock=time.monotonic):
-        self._pass_voxels = list(pass_voxels)
-        self._stream = stream
-        self._interval = self.LOG_SECONDS if interval is None else interval
-        self._clock = clock
-
-    def __enter__(self):
-        self._bar = None
-        self._label = None
-        stream = self._stream or sys.stderr
-        self._log = not (hasattr(stream, "isatty") and stream.isatty())
-        return self
-
-    def update(self, done: int, total: int, label: str) -> None:
-        if self._log:
-            self._log_line(done, total, label)
-            return
-        from tqdm import tqdm
-
-        if label != self._label:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = tqdm(total=total, desc=label, unit="unit", disable=None, file=self._stream or sys.stderr)
-            self._label = label
-        self._bar.n = done
-        self._bar.refresh()
-
-    def _log_line(self, done: int, total: int, label: str) -> None:
-        now = self._clock()
-        if label != self._label:  # a new pass: units done before (a resumed run) do not count for the rate
-            self._label, self._start, self._first, self._last, self._ended = label, now, done, now, False
-        if self._ended:
-            return
-        complete = done >= total
-        if not complete and now - self._last < self._interval:
-            return
-        self._last, self._ended = now, complete
-        match = re.match(r"pass (\d+)/", label)
-        index = int(match.group(1)) - 1 if match else -1
-        rate = ""
-        if 0 <= index < len(self._pass_voxels) and total and now > self._start:
-            voxels = (done - self._first) / total * self._pass_voxels[index]
-            rate = f", {voxels / (now - self._start) / 1e6:.1f} Mvoxel/s"
-        percent = 100 * done // total if total else 100
-        self.write(f"{label}: {done}/{total} work units ({percent}%){rate}, {now - self._start:.0f} s")
-
-    def write(self, message: str) -> None:
-        print(message, file=self._stream or sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _pass_voxels(plans) -> list[int]:
-    """Source voxels of each pass, all layers together (what the progress rate counts)."""
-    voxels: list[int] = []
-    for layer_plan in plans:
-        for index, a_pass in enumerate(layer_plan.passes):
-            voxels.extend([0] * (index + 1 - len(voxels)))
-            voxels[index] += layer_plan.grids[index].region.voxels
-    return voxels
 
 
 def run() -> None:

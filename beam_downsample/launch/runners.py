@@ -118,7 +118,9 @@ class LocalPasses:
         processes, threads = self.sizing.for_pass(units, work)
         configs = [dataclasses.replace(config, threads=threads) for config in configs]
         if not processes:
-            return FnApiRunner(), PipelineOptions(self.flags, direct_num_workers=1), configs
+            runner = FnApiRunner()
+            runner.in_process = True  # the units run in this process's threads (run.supervise waits for them)
+            return runner, PipelineOptions(self.flags, direct_num_workers=1), configs
         # Our own worker command (quiet logs) instead of direct_running_mode=multi_processing,
         # which would replace it with Beam's default one.
         from apache_beam.transforms import environments  # pylint: disable=import-outside-toplevel

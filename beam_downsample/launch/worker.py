@@ -15,7 +15,7 @@ from beam_downsample.core.machine import limit_malloc_arenas
 _HARMLESS = ("No semi_persistent_directory found", "apitools not found")
 
 
-class _DropHarmless(logging.Filter):
+class HarmlessFilter(logging.Filter):
     """Drops start-up chatter, and Beam's own error tracebacks: a failing unit
     reaches the launcher as the pipeline's exception, which it prints in one
     line. BEAM_DOWNSAMPLE_VERBOSE=1 shows everything."""
@@ -33,7 +33,7 @@ class _DropHarmless(logging.Filter):
 def configure_quiet_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.addFilter(_DropHarmless())
+    handler.addFilter(HarmlessFilter())
     handler.setFormatter(logging.Formatter("worker %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
@@ -53,4 +53,4 @@ if __name__ == "__main__":
 
 def dask_setup(worker=None) -> None:  # pylint: disable=unused-argument
     """dask preload hook: the same quiet logs in the dask workers we start."""
-    logging.getLogger().addFilter(_DropHarmless())
+    logging.getLogger().addFilter(HarmlessFilter())

@@ -41,7 +41,7 @@ def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
 def _sparse_note(plan: LayerPlan, index: int) -> str:
     """`(6 of 1,048,576 work units hold data)`; later passes are an upper bound until pass 1 ran."""
     if plan.configs[index].refresh:
-        return f" (refreshing --bbox {refresh.box_text(plan.refresh_box)} of existing mags)"
+        return f" (refreshing {refresh.boxes_text(plan.refresh_boxes)} of existing mags)"
     if index == 0 and plan.dense_reason:
         return f" (planned densely: {plan.dense_reason})"
     count, total = len(plan.planned[index]), plan.grids[index].count
@@ -53,14 +53,29 @@ def _sparse_note(plan: LayerPlan, index: int) -> str:
 
 def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
     """Warnings for refreshes of these layers that were interrupted and not rerun: their
-    mags are partly refreshed until the same `--bbox` runs again (one listing per layer)."""
+    mags are partly refreshed until the same boxes run again (one listing per layer, and
+    one read per interrupted refresh of several boxes)."""
     warnings = []
     for plan in plans:
-        names = storage.list_names(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
-        for box in refresh.interrupted(names):
-            if box != plan.refresh_box:
-                warnings.append(
-                    f"layer {plan.layer.name!r}: a --bbox {refresh.box_text(box)} refresh was interrupted, so its "
-                    f"mags are partly refreshed; rerun it: --bbox {refresh.box_text(box)}"
-                )
+        state = storage.join_inside(dataset.path, STATE_DIR, plan.layer.name)
+        found: dict[tuple, str] = {}  # boxes -> the file that lists them (several boxes)
+        for name in sorted(storage.list_names(state)):
+            boxes, path = refresh.refresh_dir(name), ""
+            if boxes == ():  # several boxes: they are listed in the pass directory
+                path = storage.join_inside(state, name, refresh.BOXES_FILE)
+                try:
+                    boxes = refresh.normalised(refresh.parse_box_file(storage.read_text(path) or "", path))
+                except refresh.RefreshError:
+                    boxes = ()
+            if boxes is not None:
+                found.setdefault(boxes, path)
+        for boxes, path in found.items():
+            if boxes == plan.refresh_boxes:
+                continue
+            if 0 < len(boxes) <= 3:
+                what, rerun = f"a {refresh.boxes_text(boxes)} refresh", refresh.boxes_text(boxes)
+            else:
+                what, rerun = f"a refresh of {len(boxes) or 'several'} boxes", f"--bbox-file {path}"
+            warnings.append(f"layer {plan.layer.name!r}: {what} was interrupted, so its mags are partly "
+                            f"refreshed; rerun it: {rerun}")
     return warnings

@@ -41,7 +41,7 @@ class LayerPlan:
     planned: tuple[np.ndarray, ...]  # per pass: sorted unit indices
     configs: tuple[PassConfig, ...]  # per pass
     dense_reason: Optional[str] = None  # why pass 1 plans every unit
-    refresh_box: Optional[Box] = None  # `--bbox` within the layer; its passes with `config.refresh` refresh it
+    refresh_boxes: tuple[Box, ...] = ()  # `--bbox` within the layer; its passes with `config.refresh` refresh them
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
@@ -60,7 +60,7 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
         chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
         grids, planned, configs, dense_reason = units.layer_units(layer, chain, budget)
-        plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box)
+        plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.boxes)
         check_worker_memory(plan, options)
         plans.append(plan)
     layers.check_write_paths(dataset, plans)

@@ -41,7 +41,7 @@ def check_writable(dataset_path: str, layer_names: Sequence[str]) -> None:
 
 def source_mag(layer: Layer, options: JobOptions) -> Mag:
     """A run continues from the coarsest mag; a refresh recomputes from the finest (the edited one)."""
-    return layer.source_mag if options.bbox is None else refresh.finest_mag(layer)
+    return refresh.finest_mag(layer) if options.bboxes else layer.source_mag
 
 
 def check_refreshable(dataset: Dataset, layer: Layer, source: Mag) -> None:

@@ -5,7 +5,7 @@ makes each pass's mags), each with the config its workers get.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 from beam_downsample.core import sizing
 from beam_downsample.core.box import Box, region_in_mag
@@ -26,12 +26,12 @@ WORKER_OVERHEAD_BYTES = sizing.PROCESS_BYTES  # interpreter, Beam, tensorstore a
 
 @dataclasses.dataclass(frozen=True)
 class LayerPasses:
-    """A layer's passes and their configs; the first `refreshing` passes refresh `box` (`--bbox`)."""
+    """A layer's passes and their configs; the first `refreshing` passes refresh `boxes` (`--bbox`)."""
 
     passes: tuple[Pass, ...]
     configs: tuple[PassConfig, ...]
     refreshing: int = 0
-    box: Optional[Box] = None  # `--bbox` within the layer
+    boxes: tuple[Box, ...] = ()  # `--bbox` within the layer
 
 
 def unit_budget(options: JobOptions) -> UnitBudget:
@@ -59,19 +59,19 @@ def layer_passes(
     layer has, then makes the rest in full."""
     interpolation = options.interpolation or reduce.DEFAULT_INTERPOLATION[layer.category]
     bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
-    box, refreshing = None, 0
-    if options.bbox is None:
+    boxes, refreshing = (), 0
+    if not options.bboxes:
         passes = group_passes(source, targets, bytes_per_voxel, budget)
     else:
-        box = refresh.layer_box(options.bbox, layer)
+        boxes = refresh.layer_boxes(options.bboxes, layer)
         kept, made = refresh.split_chain(layer, source, targets)
         check_refreshable(dataset, layer, source)
         first = group_passes(source, kept, bytes_per_voxel, budget)
         passes = first + group_passes(kept[-1] if kept else source, made, bytes_per_voxel, budget)
         refreshing = len(first)
-    configs = [pass_config(dataset, layer, index, a_pass, interpolation, budget, box if index < refreshing else None)
+    configs = [pass_config(dataset, layer, index, a_pass, interpolation, budget, boxes if index < refreshing else ())
                for index, a_pass in enumerate(passes)]
-    return LayerPasses(tuple(passes), tuple(configs), refreshing, box)
+    return LayerPasses(tuple(passes), tuple(configs), refreshing, boxes)
 
 
 def group_passes(
@@ -106,9 +106,9 @@ def pass_dir_name(a_pass: Pass, interpolation: str) -> str:
 
 def pass_config(
     dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str, budget: UnitBudget,
-    box: Optional[Box] = None,
+    boxes: Sequence[Box] = (),
 ) -> PassConfig:
-    """`box`: this pass refreshes the existing target mags inside it (mag-1 voxels)."""
+    """`boxes`: this pass refreshes the existing target mags inside them (mag-1 voxels)."""
     if index == 0:
         source_spec = arrays.existing_mag_spec(layer, dataset.path, a_pass.source_mag)
     else:  # the previous pass's coarsest mag, finished before this pass starts
@@ -122,7 +122,7 @@ def pass_config(
                 factor=factor_between(previous, mag),
                 region=region_in_mag(layer.bbox, mag),
                 spec=arrays.target_spec(layer, dataset.path, mag),
-                write=None if box is None else refresh.write_region(box, layer.bbox, mag),
+                writes=refresh.write_regions(boxes, layer.bbox, mag),
             )
         )
         previous = mag
@@ -136,9 +136,10 @@ def pass_config(
         interpolation=interpolation,
         levels=tuple(levels),
         marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)
-                                       + ("" if box is None else refresh.marker_suffix(box))),
+                                       + (refresh.marker_suffix(boxes) if boxes else "")),
         tile_alignment=tile_alignment(a_pass),
         threads=budget.threads,
         tile_voxels=budget.tile_voxels,
-        refresh=box is not None,
+        refresh=bool(boxes),
+        regions=refresh.source_regions(boxes, layer.bbox, a_pass),
     )

@@ -11,11 +11,8 @@ from typing import Iterable, Sequence
 from beam_downsample.core.errors import PlanningError
 from beam_downsample.core.mags import Mag, mag_name
 from beam_downsample.plan import refresh
-from beam_downsample.plan.options import JobOptions
+from beam_downsample.plan.options import SAMPLING_MODES, JobOptions
 from beam_downsample.store.properties import Dataset, Layer
-
-SAMPLING_MODES = ("anisotropic", "isotropic", "constant_z")
-
 
 def default_coarsest_mag(width: int, height: int) -> Mag:
     """`max(2 ** ceil(log2(max(width, height) / 100)), 4)` on every axis; depth is ignored."""
@@ -98,7 +95,7 @@ def plan_mags(
 
 def aligned_with(dataset: Dataset, layers: Sequence[Layer], options: JobOptions) -> set[Mag]:
     """The mags that new mags align with, so that layers share mags: the dataset's."""
-    if options.bbox is None:
+    if not options.bboxes:
         return set(dataset.all_mags())
     # as if the refreshed layers' pyramids were deleted and made again
     return refresh.align_with(dataset.layers, [layer.name for layer in layers])

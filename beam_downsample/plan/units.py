@@ -53,18 +53,18 @@ def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[t
         refreshes = index < chain.refreshing
         grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
         if refreshes:
-            grid = refresh.refresh_grid(grid, a_pass, chain.box)
+            grid = refresh.refresh_grid(grid, config.regions)
         if index == 0 or index == chain.refreshing:  # the source is a complete mag: list it
-            indices, reason = source_units(config, grid)
+            indices, reason = source_units(config, grid, regions=config.regions)
             if not refreshes:
                 dense_reason = reason
         else:  # the pass before has not run yet: what it can have written
             indices = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid)
-        if refreshes:  # also where the targets hold data, which the edit may have erased
-            indices = refresh_units(config, grid, indices)
+        if refreshes:  # also where the targets hold data, which the edit may have erased; only in the boxes
+            indices = np.intersect1d(refresh_units(config, grid, indices), refresh.box_units(grid, config.regions))
         grids.append(grid)
         planned.append(indices)
-        configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS))
+        configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices, config.regions) >= COMPILED_MIN_VOXELS))
     return tuple(grids), tuple(planned), tuple(configs), dense_reason
 
 
@@ -135,18 +135,22 @@ def plan_units(
     return grid.units(grid.all_indices())
 
 
-def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tuple[np.ndarray, Optional[str]]:
+def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True,
+                 regions: Sequence[Box] = ()) -> tuple[np.ndarray, Optional[str]]:
     """The grid's units whose source box holds stored data, from one listing of the
-    source mag: (indices, None), or (every index, why) where a listing cannot tell."""
+    source mag: (indices, None), or (every index, why) where a listing cannot tell.
+    With `regions` (a refresh's boxes) only data inside them counts."""
     try:
-        return stored_units(config.source_spec, grid, refine=refine), None
+        return stored_units(config.source_spec, grid, refine=refine, regions=regions), None
     except stored.Dense as reason:
         return grid.all_indices(), str(reason)
 
 
-def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True) -> np.ndarray:
+def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True,
+                 regions: Sequence[Box] = ()) -> np.ndarray:
     """The grid's units whose box holds stored data in the array of `spec` (`factor` times
     coarser than the grid's voxels), from one listing of its keys; raises stored.Dense.
+    With `regions` (grid voxels) only stored data inside them counts.
 
     Where a stored key covers several units (a 1024^3 shard, a wkw file) and the
     candidates are few, a sharded zarr3 array lists the chunks each stored shard
@@ -155,13 +159,35 @@ def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = Tr
     """
     factor = np.array(factor)
     starts, stops = stored.stored_boxes(spec)
-    indices = grid.overlapping(starts * factor, stops * factor)
+    piece_starts, piece_stops, keys = _inside(starts * factor, stops * factor, regions)
+    indices = grid.overlapping(piece_starts, piece_stops)
     if not refine or not 0 < len(indices) <= REFINE_LIMIT or spec["driver"] == "wkw":
         return indices
-    chunks = stored.stored_chunk_boxes(spec, starts) if spec["driver"] == "zarr3" else None
+    chunks = stored.stored_chunk_boxes(spec, starts[np.unique(keys)]) if spec["driver"] == "zarr3" else None
     if chunks is not None:
-        return grid.overlapping(chunks[0] * factor, chunks[1] * factor)
+        return grid.overlapping(*_inside(chunks[0] * factor, chunks[1] * factor, regions)[:2])
     return _refine(spec, grid, indices, factor)
+
+
+def _inside(starts: np.ndarray, stops: np.ndarray, regions: Sequence[Box],
+            block: int = 1 << 14) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, stops, box index) of the non-empty intersections of the boxes `[starts, stops)`
+    (N, 3) with `regions`; every box as it is (index = its row) where there are no regions.
+    Vectorised in blocks of boxes, so memory follows the block and the pieces found."""
+    starts, stops = np.asarray(starts, dtype=np.int64).reshape(-1, 3), np.asarray(stops, dtype=np.int64).reshape(-1, 3)
+    if not regions:
+        return starts, stops, np.arange(len(starts))
+    low = np.array([r.start for r in regions], dtype=np.int64)[None]
+    high = np.array([r.stop for r in regions], dtype=np.int64)[None]
+    found: list[tuple] = []
+    for first in range(0, len(starts), block):
+        a = np.maximum(starts[first:first + block, None], low)
+        b = np.minimum(stops[first:first + block, None], high)
+        rows, columns = np.nonzero(np.all(b > a, axis=2))
+        found.append((a[rows, columns], b[rows, columns], rows + first))
+    if not found:
+        return np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
+    return tuple(np.concatenate(parts) for parts in zip(*found))  # type: ignore[return-value]
 
 
 def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor) -> np.ndarray:
@@ -194,7 +220,7 @@ def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.
     each finer mag (outside the box a refresh trusts the existing mags anyway)."""
     level = config.levels[0]
     try:
-        target = stored_units(level.spec, grid, level.factor)
+        target = stored_units(level.spec, grid, level.factor, regions=config.regions)
     except stored.Dense:
         return grid.all_indices()
     return np.union1d(source, target)
@@ -208,9 +234,10 @@ def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid
     return grid.overlapping(starts // factor, -(-stops // factor))
 
 
-def _voxels(grid: UnitGrid, indices: np.ndarray) -> int:
-    starts, stops = grid.boxes(indices)
-    return int(np.prod(stops - starts, axis=1).sum()) if len(indices) else 0
+def _voxels(grid: UnitGrid, indices: np.ndarray, regions: Sequence[Box] = ()) -> int:
+    """Source voxels the units read at most: their boxes, or their parts inside `regions` (a refresh)."""
+    starts, stops, _ = _inside(*grid.boxes(indices), regions)
+    return int(np.prod(stops - starts, axis=1).sum()) if len(starts) else 0
 
 
 def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndarray]) -> float:
@@ -218,7 +245,8 @@ def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndar
     and sizing's per-voxel cost of each layer's voxel type."""
     work = []
     for plan, chosen in zip(plans, indices):
-        work.append((_voxels(plan.grids[index], chosen), plan.layer.dtype.itemsize * plan.layer.num_channels))
+        voxels = _voxels(plan.grids[index], chosen, plan.configs[index].regions)
+        work.append((voxels, plan.layer.dtype.itemsize * plan.layer.num_channels))
     return sizing.work_seconds(work)
 
 

@@ -11,25 +11,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Sequence
+import uuid
+from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 
 from beam_downsample.core.box import region_in_mag
 from beam_downsample.core.config import PassConfig
+from beam_downsample.core.errors import RunError
 from beam_downsample.core.grid import UnitGrid
 from beam_downsample.core.machine import available_cores
 from beam_downsample.core.mags import Mag, factor_between, mag_name
+from beam_downsample.plan import refresh
 from beam_downsample.plan.job import LayerPlan, each_pass, pass_units
 from beam_downsample.plan.units import units_work
 from beam_downsample.run import supervise
-from beam_downsample.state import markers
+from beam_downsample.run.result import LayerResult, add_figures, pass_figures, planned_result
+from beam_downsample.state import markers, progress
 from beam_downsample.state.progress import Progress
 from beam_downsample.store import arrays, storage, wkw_io
 from beam_downsample.store.properties import Dataset, update_properties, with_new_mags
 from beam_downsample.transforms import seeds
-from beam_downsample.transforms.downsample import DownsamplePass
+from beam_downsample.transforms.downsample import COUNTERS, DownsamplePass, cancel
 
 STATE_DIR = arrays.STATE_DIR
 
@@ -46,6 +50,9 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
             # Only units that finished make an array worth keeping.
             resuming = any(name.endswith(".done") for name in storage.list_names(config.marker_dir))
             storage.makedirs(config.marker_dir)
+            if config.refresh and len(plan.refresh_boxes) > 1:  # which boxes, for a warning if this is interrupted
+                storage.write_text(storage.join_inside(config.marker_dir, refresh.BOXES_FILE),
+                                   refresh.boxes_file_text(plan.refresh_boxes))
             for mag in a_pass.target_mags:
                 files = _wkw_files(plan, index, mag) if plan.layer.data_format == "wkw" else None
                 if config.refresh:  # an existing mag: written into, never recreated
@@ -66,8 +73,8 @@ def _wkw_files(plan: LayerPlan, index: int, mag: Mag) -> np.ndarray:
     region = region_in_mag(plan.layer.bbox, mag)
     files = UnitGrid("", 0, region, (side, side, side))
     level = next(level for level in plan.configs[index].levels if level.mag == mag)
-    if level.write is not None:  # a refresh stages (and recompresses) only the files it writes into
-        touched = files.overlapping(np.array([level.write.start]), np.array([level.write.stop]))
+    if level.writes:  # a refresh stages (and recompresses) only the files it writes into
+        touched = files.overlapping(np.array([w.start for w in level.writes]), np.array([w.stop for w in level.writes]))
     else:
         starts, stops = grid.boxes(plan.planned[index])
         factor = np.array(factor_between(a_pass.source_mag, mag))
@@ -76,7 +83,7 @@ def _wkw_files(plan: LayerPlan, index: int, mag: Mag) -> np.ndarray:
     return file_starts // side
 
 
-class UnitFailed(RuntimeError):
+class UnitFailed(RunError):
     """A work unit failed; the message is one line naming the unit and why."""
 
 
@@ -96,9 +103,10 @@ def unfinished(configs: Sequence[PassConfig], grids: Sequence[UnitGrid],
     return [markers.not_done(c, g, i) for c, g, i in zip(configs, grids, planned)]
 
 
-def _run_pass(index: int, pass_seeds, grids, configs, runner, pipeline_options, record_failures: bool = False):
+def _run_pass(index: int, pass_seeds, grids, configs, runner, pipeline_options, record_failures: bool = False,
+              run_id: Optional[str] = None):
     pipeline = beam.Pipeline(runner=runner, options=pipeline_options)
-    _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(pass_seeds, grids, configs, record_failures)
+    _ = pipeline | f"Pass{index + 1}" >> DownsamplePass(pass_seeds, grids, configs, record_failures, run_id)
     return pipeline.run()
 
 
@@ -121,9 +129,16 @@ def run_job(
     report: Callable[[int, int, str], None] = lambda done, total, label: None,
     log: Callable[[str], None] = print,
     record_failures: bool = False,
-) -> dict:
-    """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata."""
+) -> tuple[dict, list[LayerResult]]:
+    """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata.
+
+    Returns (Beam counters summed by name, what the run did per layer).
+    """
     metrics: dict = {}
+    units = {p.layer.name: 0 for p in plans}
+    already = dict(units)
+    figures: dict[str, Optional[list[int]]] = {p.layer.name: [0, 0, 0, 0] for p in plans}
+    run_id = uuid.uuid4().hex
     pass_count = max((len(p.passes) for p in plans), default=0)
     for index, active, configs in each_pass(plans):
         for config in configs:
@@ -139,6 +154,8 @@ def run_job(
         label = f"pass {index + 1}/{pass_count}: " + ", ".join(
             f"{p.layer.name} {','.join(mag_name(m) for m in p.passes[index].target_mags)}" for p in active
         )
+        counters: Optional[dict] = {}
+        tallies: Optional[dict] = {}
         if remaining:
             pass_runner, pass_options = runner, pipeline_options
             if hasattr(runner, "for_pass"):  # our local runner: worker processes and tile threads per pass
@@ -147,43 +164,71 @@ def run_job(
 
             def start(work: Todo, i=index, c=configs, g=grids) -> object:
                 pass_seeds = [s for cf, gr, t in zip(c, g, work.indices) for s in seeds.make_seeds(gr, t, cf.marker_dir)]
-                return _run_pass(i, pass_seeds, g, c, pass_runner, pass_options, record_failures)
+                return _run_pass(i, pass_seeds, g, c, pass_runner, pass_options, record_failures, run_id)
 
             with Progress(configs, total, label, report, done=total - remaining) as bar:
                 result = supervise.run_pass(
                     index, Todo(todo), configs, start,
                     lambda c=configs, g=grids, p=planned, b=bar: b.rerun(Todo(unfinished(c, g, p))),
-                    pass_runner, pass_options, log=log,
+                    pass_runner, pass_options, log=log, cancel=functools.partial(cancel, run_id),
                 )
-            _collect_metrics(result, metrics)
-        failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
-        if failed:
-            layer, path = failed[0]
-            reason = (storage.read_text(path) or "").strip()
-            unit = os.path.basename(path)[: -len(markers.FAILED)]
-            raise UnitFailed(
-                f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
-            )
-        missing = [(g, m) for g, m in zip(grids, unfinished(configs, grids, planned)) if len(m)]
-        if missing:
-            count = sum(len(m) for _, m in missing)
-            example = missing[0][0].unit(missing[0][1][0]).key
-            raise RuntimeError(f"pass {index + 1} finished but {count} work units are not done, e.g. {example}")
-        arrays.finish_mags([level.spec for config in configs for level in config.levels],
-                           threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
-        for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
-            listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
-                            key=lambda m: (max(m), m))
-            arrays.update_ngff(
-                storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
-                listed,
-            )
-        # Applied to the current properties: another layer's run may have listed its mags.
-        update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
-    for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
+            counters = _collect_metrics(result, metrics)
+            tallies = progress.layer_tallies([c.marker_dir for c in configs])
+        check_pass(index, configs, grids, planned)
+        for plan, indices, left in zip(active, planned, todo):
+            name = plan.layer.name
+            units[name] += len(indices)
+            already[name] += len(indices) - len(left)
+            found = pass_figures(len(left), None if counters is None else counters.get(name, {}),
+                                 None if tallies is None else tallies.get(name, [0, 0, 0, 0]))
+            figures[name] = add_figures(figures[name], found)
+        finish_pass(dataset, active, index)
+    clean_up(dataset, plans)
+    return metrics, [planned_result(p, units[p.layer.name], already[p.layer.name], figures[p.layer.name])
+                     for p in plans]
+
+
+def check_pass(index: int, configs: Sequence[PassConfig], grids: Sequence[UnitGrid],
+               planned: Sequence[np.ndarray]) -> None:
+    """Raises UnitFailed (a unit left a failure record) or RunError (a planned unit has no marker)."""
+    failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
+    if failed:
+        layer, path = failed[0]
+        reason = (storage.read_text(path) or "").strip()
+        unit = os.path.basename(path)[: -len(markers.FAILED)]
+        raise UnitFailed(
+            f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
+        )
+    missing = [(g, m) for g, m in zip(grids, unfinished(configs, grids, planned)) if len(m)]
+    if missing:
+        count = sum(len(m) for _, m in missing)
+        example = missing[0][0].unit(missing[0][1][0]).key
+        raise RunError(f"pass {index + 1} finished but {count} work units are not done, e.g. {example}")
+
+
+def finish_pass(dataset: Dataset, active: Sequence[LayerPlan], index: int) -> None:
+    """After pass `index` of the `active` plans: its mags finished (wkw files compressed),
+    NGFF metadata and the properties list them. Idempotent."""
+    configs = [plan.configs[index] for plan in active]
+    arrays.finish_mags([level.spec for config in configs for level in config.levels],
+                       threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
+    for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
+        listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
+                        key=lambda m: (max(m), m))
+        arrays.update_ngff(
+            storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
+            listed,
+        )
+    # Applied to the current properties: another layer's run may have listed its mags.
+    update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
+
+
+def clean_up(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
+    """Every marker of these layers, from this plan or an interrupted other one, and stale temp files."""
+    for plan in plans:
         storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
         storage.delete_tree(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
-    return metrics
+    storage.remove_dir_if_empty(storage.join_inside(dataset.path, STATE_DIR))  # unless locks are in it
 
 
 def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:
@@ -192,11 +237,19 @@ def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:
     return raw
 
 
-def _collect_metrics(result, metrics: dict) -> None:
+def _collect_metrics(result, metrics: dict) -> Optional[dict]:
+    """Adds the pass's counters to `metrics` (by name); returns them per layer, or None
+    where the runner reports none (DaskRunner) or the pipeline was abandoned."""
     try:
         counters = result.metrics().query()["counters"]
     except Exception:  # some runners report no metrics
-        return
+        return None
+    layers: dict = {}
     for counter in counters:
-        name = counter.key.metric.name
-        metrics[name] = metrics.get(name, 0) + (counter.committed or counter.attempted or 0)
+        name, namespace = counter.key.metric.name, counter.key.metric.namespace
+        value = counter.committed or counter.attempted or 0
+        metrics[name] = metrics.get(name, 0) + value
+        if namespace.startswith(COUNTERS + "/"):
+            per_layer = layers.setdefault(namespace[len(COUNTERS) + 1:], {})
+            per_layer[name] = per_layer.get(name, 0) + value
+    return layers

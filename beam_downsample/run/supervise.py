@@ -20,6 +20,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from beam_downsample.core.config import PassConfig
+from beam_downsample.core.errors import RunError
 from beam_downsample.core.grid import WorkUnit
 from beam_downsample.run import watch
 from beam_downsample.state import workerstate
@@ -32,7 +33,7 @@ ABANDON_WAIT_SECONDS = 3.0
 MEMORY_HINT = "lower --memory-budget or raise mem"
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(RunError):
     """Workers died and the pass cannot finish; the message is one line."""
 
 
@@ -76,11 +77,15 @@ def run_pass(
     runner,
     options,
     log: Callable[[str], None] = print,
+    cancel: Optional[Callable[[], None]] = None,
 ):
     """Runs `start(units)` (a Beam pipeline of the pass), rerunning `missing()` after deaths.
 
     Returns the last run's PipelineResult (for metrics; None if it was abandoned);
-    raises the pipeline's error, or WorkerDied in one line.
+    raises the pipeline's error, or WorkerDied in one line. Interrupted (Ctrl-C), the
+    workers are stopped; a pipeline running in this process (`runner.in_process`) is
+    told to start no further unit (`cancel`) and waited for, so that nothing writes
+    after the call returns (a second Ctrl-C stops waiting).
     """
     label = f"pass {index + 1}"
     state_dirs = sorted({workerstate.state_dir(c) for c in configs})
@@ -111,6 +116,12 @@ def run_pass(
     finally:
         if attempt is not None and not attempt.join(0):  # Ctrl-C or giving up: no worker may outlive us
             watcher.stop_workers()
+            if cancel is not None:
+                cancel()
+            if getattr(runner, "in_process", False):
+                log(f"beam-downsample: stopping {label}: waiting for the running work unit to finish")
+                while not attempt.join(POLL_SECONDS):
+                    pass
         watcher.close()
         workerstate.clear(state_dirs)
 

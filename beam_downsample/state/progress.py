@@ -2,14 +2,17 @@
 
 Counting done-markers would cost a listing of up to a million names per
 poll (a request per 1,000 on GCS). Instead each DoFn instance writes one
-small tally file (`<marker dir>/progress/<id>`: units done, pid, host) at
+small tally file (`<marker dir>/progress/<id>`: units done, pid, host; then
+per layer the units run and found empty and the voxels read and written) at
 most every few seconds, and the launcher lists and reads those: one small
 listing plus one read per worker per poll. The markers, not the tallies,
 decide what is finished (a retried bundle may count twice; the bar is capped).
+The per-layer figures stand in for Beam counters on runners that report none.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -38,13 +41,18 @@ class Tally:
         self._path = os.path.join(tally_dir(marker_dir), uuid.uuid4().hex)
         self._interval = _interval(marker_dir)
         self._count = 0
+        self._layers: dict[str, list[int]] = {}  # layer -> [units run, units empty, voxels read, voxels written]
         self._written = -1
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def add(self) -> None:
+    def add(self, layer: str = "", empty: bool = False, read: int = 0, written: int = 0) -> None:
         with self._lock:
             self._count += 1
+            figures = self._layers.setdefault(layer, [0, 0, 0, 0])
+            figures[1 if empty else 0] += 1
+            figures[2] += read
+            figures[3] += written
             if time.monotonic() - self._last >= self._interval:
                 self._write()
 
@@ -58,7 +66,8 @@ class Tally:
         try:
             if self._written < 0:
                 storage.makedirs(os.path.dirname(self._path))
-            storage.write_text(self._path, f"{self._count} {os.getpid()} {socket.gethostname()}\n")
+            storage.write_text(self._path, f"{self._count} {os.getpid()} {socket.gethostname()}\n"
+                                           f"{json.dumps(self._layers)}\n")
         except Exception:  # pylint: disable=broad-except
             return
         self._written, self._last = self._count, time.monotonic()
@@ -69,10 +78,30 @@ def read_tallies(marker_dir: str) -> list[tuple[int, int, str]]:
     directory = tally_dir(marker_dir)
     tallies = []
     for name in storage.list_names(directory):
-        text = (storage.read_text(os.path.join(directory, name)) or "").split()
+        text = (storage.read_text(os.path.join(directory, name)) or "").split("\n")[0].split()
         if len(text) == 3 and text[0].isdigit() and text[1].isdigit():
             tallies.append((int(text[0]), int(text[1]), text[2]))
     return tallies
+
+
+def layer_tallies(marker_dirs: Sequence[str]) -> dict[str, list[int]]:
+    """Per layer, [units run, units empty, voxels read, voxels written] summed over the
+    tallies in `marker_dirs` (those the workers flushed; a worker that died took its last
+    counts with it, so the caller checks them against the markers)."""
+    summed: dict[str, list[int]] = {}
+    for marker_dir in marker_dirs:
+        directory = tally_dir(marker_dir)
+        for name in storage.list_names(directory):
+            lines = (storage.read_text(os.path.join(directory, name)) or "").split("\n")
+            try:
+                layers = json.loads(lines[1]) if len(lines) > 1 else {}
+            except ValueError:
+                continue
+            for layer, figures in layers.items():
+                total = summed.setdefault(layer, [0, 0, 0, 0])
+                for index, value in enumerate(figures[:4]):
+                    total[index] += int(value)
+    return summed
 
 
 class Progress:

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample.core.box import Box, split_box
+from beam_downsample.core.box import Box, disjoint, split_box
 from beam_downsample.core.config import PassConfig
 from beam_downsample.core.grid import WorkUnit
 from beam_downsample.kernels import reduce
@@ -185,6 +185,14 @@ def stored_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
     return [t for t, s in pieces if s], [t for t, s in pieces if not s]
 
 
+def unit_tiles(config: PassConfig, box: Box) -> list[Box]:
+    """The tiles of a unit's `box`: all of it, or for a refresh its disjoint parts inside the
+    boxes' source regions (`config.regions`), each level's refreshed voxels having their whole
+    footprint there; the level voxels outside are never written."""
+    parts = disjoint([box.intersect(region) for region in config.regions]) if config.regions else [box]
+    return [tile for part in parts for tile in split_box(part, config.tile_alignment, config.tile_voxels)]
+
+
 def run_unit(
     config: PassConfig,
     unit: WorkUnit,
@@ -212,14 +220,16 @@ def run_unit(
     transaction per level (each shard still written once). Writing a unit's
     zeros cost tensorstore more than reducing its data (1.2 s for a mostly
     empty 512 Mi-voxel level, 0.03 s for its data alone). Without it (a
-    `--bbox` refresh over old data) every voxel is written.
+    `--bbox` refresh over old data) every voxel is written. A refresh reads
+    and reduces only the unit's parts of its boxes' source regions and writes
+    only each level's parts of the boxes (`unit_tiles`, `level.writes`).
     """
     scratch = scratch or Scratch()
     stats = UnitStats()
     unit_levels = level_boxes(config, unit.box)
     dtype = arrays.array_dtype(source)
     prepare_kernels(config, dtype)
-    tiles = split_box(unit.box, config.tile_alignment, config.tile_voxels)
+    tiles = unit_tiles(config, unit.box)
     pieces = classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
     live: list[Box] = []  # tiles reduced into the level buffers
     done: list[Box] = []  # every tile read or left out
@@ -286,12 +296,14 @@ def start_level_writes(config: PassConfig, targets: Sequence, buffers: Sequence[
     pending, voxels = [], 0
     for level, target, buffer, unit_box in zip(config.levels, targets, buffers, unit_levels):
         written = unit_box.intersect(level.region)
-        if level.write is not None:
-            written = written.intersect(level.write)
-        if written.empty:
-            continue
-        pending.append(arrays.write_region(target, written, buffer[arrays.local_index(written, unit_box)], keep_reference=True))
-        voxels += written.voxels
+        # a refresh writes only the level's parts of its boxes
+        boxes = disjoint([written.intersect(box) for box in level.writes] if level.writes else [written])
+        voxels += sum(box.voxels for box in boxes)
+        if len(boxes) == 1:
+            box = boxes[0]
+            pending.append(arrays.write_region(target, box, buffer[arrays.local_index(box, unit_box)], keep_reference=True))
+        else:
+            pending.extend(_write_boxes(target, boxes, buffer, unit_box))
     return pending, voxels
 
 
@@ -310,16 +322,22 @@ def start_tile_writes(config: PassConfig, targets: Sequence, buffers: Sequence[n
             written = box.intersect(level.region)
             if not written.empty:
                 boxes.append(written)
-        if not boxes:
-            continue
-        transaction = None if isinstance(target, wkw_io.WkwMag) else ts.Transaction()
-        view = target if transaction is None else target.with_transaction(transaction)
-        writes = [arrays.write_region(view, box, buffer[arrays.local_index(box, unit_box)]) for box in boxes]
         voxels += sum(box.voxels for box in boxes)
-        if transaction is None:
-            pending.extend(writes)
-            continue
-        for write in writes:
-            write.result()  # copied into the transaction; nothing is stored before the commit
-        pending.append(transaction.commit_async())
+        pending.extend(_write_boxes(target, boxes, buffer, unit_box))
     return pending, voxels
+
+
+def _write_boxes(target, boxes: Sequence[Box], buffer: np.ndarray, unit_box: Box) -> list:
+    """Starts the writes of disjoint `boxes` of a level buffer covering `unit_box`, in one
+    tensorstore transaction (a shard that several boxes touch is written once, at the
+    commit); wkw writes go straight into the staging files. Returns the futures."""
+    if not boxes:
+        return []
+    transaction = None if isinstance(target, wkw_io.WkwMag) else ts.Transaction()
+    view = target if transaction is None else target.with_transaction(transaction)
+    writes = [arrays.write_region(view, box, buffer[arrays.local_index(box, unit_box)]) for box in boxes]
+    if transaction is None:
+        return writes
+    for write in writes:
+        write.result()  # copied into the transaction; nothing is stored before the commit
+    return [transaction.commit_async()]
