@@ -15,6 +15,11 @@ def test_docs_build_strict(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "architecture" / "index.html").exists()
+    # the API reference is generated from the docstrings; the library page includes the tested example
+    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    assert "Downsamples a WEBKNOSSOS dataset into a mag pyramid" in api and "DownsamplePyramid" in api
+    library = (tmp_path / "site" / "library" / "index.html").read_text(encoding="utf-8")
+    assert 'class="n">WriteBlock' in library
 
 
 def test_a_broken_link_fails_the_build(tmp_path):

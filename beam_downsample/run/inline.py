@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.transforms.util import WaitOn
@@ -78,14 +78,17 @@ class DownsamplePyramid(beam.PTransform):
     Args:
         target: the dataset directory or `gs://bucket/path`.
         layer_name: only this layer (default: every layer).
-        sampling_mode, coarsest_mag, interpolation, bboxes: as for `beam_downsample.downsample`.
+        sampling_mode: as for `beam_downsample.downsample`.
+        coarsest_mag: as for `beam_downsample.downsample`.
+        interpolation: as for `beam_downsample.downsample`.
+        bboxes: refresh the existing mags inside these boxes, as for `beam_downsample.downsample`.
         memory_budget: memory of one worker of your runner, for sizing the work units
             (bytes; default 2 GiB).
         worker_cores: cores of one worker (tile threads per unit: this plus one; default 1).
     """
 
     def __init__(self, target: str, layer_name: Optional[str] = None, *, sampling_mode: str = "anisotropic",
-                 coarsest_mag=None, interpolation: Optional[str] = None, bboxes: Sequence = (),
+                 coarsest_mag: Any = None, interpolation: Optional[str] = None, bboxes: Sequence[Any] = (),
                  memory_budget: int = sizing.FLOOR_BUDGET, worker_cores: int = 1):
         super().__init__()
         self._target = str(target)
