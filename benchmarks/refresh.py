@@ -1,12 +1,18 @@
 """`--bbox` refresh against a full run, same run, same machine.
 
     python benchmarks/refresh.py /work/bench/bench-full [--boxes 480,480,224,64,64,64;...] [--rounds 3]
+                                 [--scattered 50] [--scattered-size 64] [--separate]
                                  [--ours-args "..."] [--verify] [--workdir DIR]
 
 Per round, on a fresh copy of DATASET (never modified; it must hold only its finest mag):
 1. `beam-downsample COPY` (the full pyramid), timed;
 2. for each box: mag 1 of every layer is edited inside the box (new random values),
-   then `beam-downsample COPY --bbox BOX`, timed.
+   then `beam-downsample COPY --bbox BOX`, timed;
+3. with --scattered N: N boxes of --scattered-size^3 at random places (not overlapping; the
+   same in every round) are edited, then refreshed by one `beam-downsample COPY --bbox-file F`;
+4. with --separate as well: they are edited again and refreshed by N runs, one `--bbox` each
+   (the wall time is their sum, the peak their largest).
+Rounds alternate the runs, so every ratio to the full run is taken in the same session.
 With --verify (last round), the refreshed copy is compared, every voxel of every mag
 and the properties, with a full run on a copy of the edited mag 1 (benchmarks/dscompare.py).
 
@@ -56,11 +62,38 @@ def parse_box(text: str) -> Box:
     return Box((x, y, z), (x + w, y + h, z + d))
 
 
+def box_text(box: Box) -> str:
+    return ",".join(str(v) for v in (*box.start, *box.shape))
+
+
+def scattered_boxes(dataset_path: str, count: int, size: int, seed: int) -> list[Box]:
+    """`count` boxes of size^3 voxels at random places inside every layer, none overlapping another."""
+    layers = load_dataset(dataset_path).layers
+    region = layers[0].bbox
+    for layer in layers[1:]:
+        region = region.intersect(layer.bbox)
+    rng = np.random.default_rng(seed)
+    boxes: list[Box] = []
+    for _ in range(1000 * count):
+        if len(boxes) == count:
+            break
+        start = tuple(int(v) for v in rng.integers(region.start, np.array(region.stop) - size + 1))
+        box = Box(start, tuple(a + size for a in start))  # type: ignore[arg-type]
+        if all(box.intersect(other).empty for other in boxes):
+            boxes.append(box)
+    if len(boxes) < count:
+        raise SystemExit(f"only {len(boxes)} boxes of {size}^3 fit without overlapping")
+    return boxes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
     parser.add_argument("--boxes", default=DEFAULT_BOXES, help="';'-separated x,y,z,w,h,d boxes (mag-1 voxels)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--scattered", type=int, default=0, help="N scattered boxes refreshed in one run (0: none)")
+    parser.add_argument("--scattered-size", type=int, default=64)
+    parser.add_argument("--separate", action="store_true", help="also refresh the N boxes in N separate runs")
     parser.add_argument("--ours-args", default="", help="extra flags for every beam-downsample run")
     parser.add_argument("--verify", action="store_true", help="compare the last refresh with a full recompute")
     parser.add_argument("--workdir", default=None)
@@ -69,26 +102,40 @@ def main() -> int:
     extra = shlex.split(args.ours_args)
     command = [sys.executable, "-m", "beam_downsample"]
     workdir = args.workdir or tempfile.mkdtemp(prefix="refresh-bench-")
-    times: dict[str, list[float]] = {"full run": [], **{f"--bbox {b}": [] for b in boxes}}
+    scattered = scattered_boxes(args.dataset, args.scattered, args.scattered_size, 0) if args.scattered else []
+    box_file = os.path.join(workdir, "scattered-boxes.txt")
+    with open(box_file, "w", encoding="utf-8") as handle:
+        handle.write("".join(box_text(b) + "\n" for b in scattered))
+    many = f"{len(scattered)} scattered {args.scattered_size}^3 boxes"
+    # (name, runs: each a list of flags, boxes edited before)
+    plan = [("full run", [[]], []), *[(f"--bbox {b}", [["--bbox", b]], [parse_box(b)]) for b in boxes]]
+    if scattered:
+        plan.append((f"{many}, one run (--bbox-file)", [["--bbox-file", box_file]], scattered))
+        if args.separate:
+            plan.append((f"{many}, {len(scattered)} runs", [["--bbox", box_text(b)] for b in scattered], scattered))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in plan}
     peaks: dict[str, int] = {}
     copy = os.path.join(workdir, "ds")
     for round_index in range(args.rounds):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(args.dataset, copy)
-        runs = [("full run", [])] + [(f"--bbox {b}", ["--bbox", b]) for b in boxes]
-        for seed, (name, flags) in enumerate(runs):
-            if flags:
-                edit(copy, parse_box(flags[1]), seed)
-            log = os.path.join(workdir, f"{round_index}-{seed}.log")
-            code, wall, peak, _ = run_measured(command + [copy, *flags, *extra], log)
-            if code != 0:
-                with open(log, encoding="utf-8") as handle:
-                    raise SystemExit(f"{name} failed (exit {code}):\n{handle.read()[-3000:]}")
-            times[name].append(wall)
-            peaks[name] = max(peaks.get(name, 0), peak)
-            print(f"round {round_index + 1}: {name}: {wall:.2f} s", file=sys.stderr, flush=True)
+        for step, (name, runs, edited) in enumerate(plan):
+            for index, box in enumerate(edited):
+                edit(copy, box, 1000 * round_index + 100 * step + index)
+            wall_sum = 0.0
+            for number, flags in enumerate(runs):
+                log = os.path.join(workdir, f"{round_index}-{step}-{number}.log")
+                code, wall, peak, _ = run_measured(command + [copy, *flags, *extra], log)
+                if code != 0:
+                    with open(log, encoding="utf-8") as handle:
+                        raise SystemExit(f"{name} failed (exit {code}):\n{handle.read()[-3000:]}")
+                wall_sum += wall
+                peaks[name] = max(peaks.get(name, 0), peak)
+            times[name].append(wall_sum)
+            print(f"round {round_index + 1}: {name}: {wall_sum:.2f} s", file=sys.stderr, flush=True)
     full = min(times["full run"])
-    print(f"\n{args.dataset}, {args.rounds} rounds, flags: {args.ours_args or '(defaults)'}\n")
+    print(f"\n{args.dataset}, {args.rounds} rounds, flags: {args.ours_args or '(defaults)'}, "
+          f"load average at the end {os.getloadavg()[0]:.1f}\n")
     print("| run | wall s min | wall s median | peak tree RSS GB | min wall / full run min |")
     print("|---|---|---|---|---|")
     for name, walls in times.items():
