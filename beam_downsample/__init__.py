@@ -17,11 +17,13 @@ load on first use of a name below.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from beam_downsample.core.errors import DatasetError, Error, RunError, UsageError
 
+TYPE_CHECKING = False  # not typing's: importing typing would cost this cheap import 4 ms
 if TYPE_CHECKING:  # the names below load lazily (`__getattr__`)
+    from typing import Any
+
     from beam_downsample import beam
     from beam_downsample.launch.api import Job, Result, downsample, prepare
     from beam_downsample.run.result import LayerResult

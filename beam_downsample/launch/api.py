@@ -10,12 +10,14 @@ Errors are `core.errors`' family, each with the one line the command prints.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
 import os
 import re
 import sys
+import types
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from beam_downsample.launch.worker import HarmlessFilter
@@ -119,47 +121,39 @@ class Job:
     def _run(self, progress: Progress, log: Log) -> Result:
         with locks.LayerLocks(self._dataset, [p.layer.name for p in self._plans], log=_prefixed(log)):
             running.create_targets(self._dataset, self._plans)
-            with self._engine.started() as (runner, options), _reporter(progress, self._plans, log) as (report, say):
+            with self._engine.started() as (runner, options), _Reporter(progress, self._plans, log) as (report, say):
                 metrics, layers = running.run_job(self._dataset, self._plans, runner, options, report=report,
                                                   log=say, record_failures=self._engine.record_failures)
         return Result(self.target, False, self.plan, {layer.layer: layer for layer in layers}, self.warnings,
                       dict(metrics))
 
 
-def prepare(
-    target: Union[str, os.PathLike],
-    *,
-    layer_name: Optional[str] = None,
-    sampling_mode: str = "anisotropic",
-    coarsest_mag: Union[None, str, int, Sequence[int]] = None,
-    interpolation: Optional[str] = None,
-    bboxes: Optional[Iterable[BoxLike]] = None,
-    bbox_file: Optional[str] = None,
-    distribution_strategy: str = "multiprocessing",
-    jobs: Optional[int] = None,
-    memory_budget: Union[None, int, str] = None,
-    job_resources: Union[None, str, Mapping[str, Any]] = None,
-    dask_scheduler: Optional[str] = None,
-    pipeline_options: Union[None, Sequence[str], Mapping[str, Any]] = None,
-) -> Job:
+def prepare(target: Union[str, os.PathLike], **options: Any) -> Job:
     """Checks the arguments and the dataset and plans the job; touches nothing.
 
-    The keywords are `downsample`'s. Raises UsageError or DatasetError with the line the
-    command prints."""
+    Takes `downsample`'s keywords but `progress`, `dry_run` and `log`. Raises UsageError or
+    DatasetError with the line the command prints."""
+    unknown = sorted(set(options) - set(_PLANNING))
+    if unknown:
+        raise TypeError(f"prepare() got an unexpected keyword argument {unknown[0]!r}")
+    given = types.SimpleNamespace(**{**_PLANNING, **options})
     target = os.fspath(target)
+    jobs = given.jobs
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int)):
         raise UsageError(f"--jobs must be an integer, got {jobs!r}")
-    budget = None if memory_budget is None else parse_size(memory_budget)
-    beam_flags = _beam_flags(pipeline_options)
-    resources = json.dumps(dict(job_resources)) if isinstance(job_resources, Mapping) else job_resources
-    engine = runners.plan_engine(distribution_strategy, jobs, beam_flags, resources, target,
-                                 budget or sizing.FLOOR_BUDGET, dask_scheduler)
-    options = job_options(sampling_mode=sampling_mode, layer_name=layer_name, coarsest_mag=coarsest_mag,
-                          interpolation=interpolation, bboxes=[*_listed(bboxes), *_file_boxes(bbox_file)])
+    budget = None if given.memory_budget is None else parse_size(given.memory_budget)
+    beam_flags = _beam_flags(given.pipeline_options)
+    resources = given.job_resources
+    resources = json.dumps(dict(resources)) if isinstance(resources, Mapping) else resources
+    engine = runners.plan_engine(given.distribution_strategy, jobs, beam_flags, resources, target,
+                                 budget or sizing.FLOOR_BUDGET, given.dask_scheduler)
+    options = job_options(sampling_mode=given.sampling_mode, layer_name=given.layer_name,
+                          coarsest_mag=given.coarsest_mag, interpolation=given.interpolation,
+                          bboxes=[*_listed(given.bboxes), *_file_boxes(given.bbox_file)])
     dataset = load_dataset(target)
     sized = None
     if engine.worker_memory is None:  # this machine's budget is shared by the launcher and its workers
-        sized = _sizing(dataset, layer_name, distribution_strategy, jobs, budget, options.bboxes)
+        sized = _sizing(dataset, given.layer_name, given.distribution_strategy, jobs, budget, options.bboxes)
         engine = runners.sized(engine, sized)
     options = dataclasses.replace(
         options,
@@ -222,13 +216,16 @@ def downsample(
         RunError: a fault during the run; only complete mags are listed and the same call resumes.
         KeyboardInterrupt: Ctrl-C; the workers are stopped and the same call resumes.
     """
-    job = prepare(target, layer_name=layer_name, sampling_mode=sampling_mode, coarsest_mag=coarsest_mag,
-                  interpolation=interpolation, bboxes=bboxes, bbox_file=bbox_file,
-                  distribution_strategy=distribution_strategy, jobs=jobs, memory_budget=memory_budget,
-                  job_resources=job_resources, dask_scheduler=dask_scheduler, pipeline_options=pipeline_options)
+    given = dict(locals())
+    job = prepare(target, **{name: value for name, value in given.items() if name in _PLANNING})
     for warning in job.warnings:
         (log or _print_to_stderr)(f"beam-downsample: {warning}")
     return job.planned() if dry_run else job.run(progress=progress, log=log)
+
+
+# downsample's keywords that `prepare` takes, with their defaults
+_PLANNING = {name: parameter.default for name, parameter in inspect.signature(downsample).parameters.items()
+             if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "dry_run", "log")}
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +333,7 @@ def _prefixed(log: Log) -> Log:
     return lambda message: log(f"beam-downsample: {message}")
 
 
-class _reporter:  # pylint: disable=invalid-name
+class _Reporter:
     """(report, log) of a run: a ProgressBar's (messages between its lines), a callback's, or none."""
 
     def __init__(self, progress: Progress, plans, log: Log):
