@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from beam_downsample.run import inline
 from beam_downsample.store.properties import load_dataset
 from beam_downsample.transforms import work
 from conftest import PROPERTIES, read_properties, run_cli, tree_digest
-from refresh_helpers import assert_same_pyramid
+from refresh_helpers import assert_same_pyramid, edit_finest_mag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "docs", "examples", "pipeline.py")
@@ -140,6 +141,10 @@ ERRORS = [
      ["mesos"]),
     ("beam-flag", ["--direct_num_wokers=2"], {"pipeline_options": ["--direct_num_wokers=2"]}, bd.UsageError,
      ["--direct_num_wokers"]),
+    ("beam-flag-dict", ["--direct_num_wokers=2"], {"pipeline_options": {"direct_num_wokers": 2}}, bd.UsageError,
+     ["--direct_num_wokers"]),
+    ("slurm-resources-dict", ["--distribution-strategy", "slurm", "--job-resources", "mem=lots"],
+     {"distribution_strategy": "slurm", "job_resources": {"mem": "lots"}}, bd.UsageError, ["lots"]),
     ("bbox-outside", ["--bbox", "5000,0,0,10,10,10"], {"bboxes": ["5000,0,0,10,10,10"]}, bd.UsageError,
      ["outside layer"]),
     ("bbox-file", _bad_bbox_file, None, bd.UsageError, ["line 4", "boxes.txt"]),
@@ -209,7 +214,24 @@ def test_calls_one_after_another_and_after_a_failed_call(make_dataset):
     assert set(threading.enumerate()) <= before, set(threading.enumerate()) - before
 
 
-def test_ctrl_c_stops_the_run_in_this_process_and_the_same_call_resumes(real_dataset):
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler for the test (importing dask_jobqueue, as test_slurm does at
+    collection, replaces it with one that raises SystemExit)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_importing_the_slurm_extra_keeps_ctrl_c():
+    code = ("import signal; from beam_downsample.launch import clusters; clusters.require_extra('slurm'); "
+            "import sys; assert 'dask_jobqueue' in sys.modules; "
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_ctrl_c_stops_the_run_in_this_process_and_the_same_call_resumes(real_dataset, ctrl_c):
     path, reference = real_dataset("ds"), real_dataset("reference")
     assert run_cli(reference, "--distribution-strategy", "sequential").returncode == 0
     assert bd.downsample(path, dry_run=True, **MANY_UNITS).layers["segmentation"].units >= 8
@@ -379,6 +401,25 @@ def test_the_transform_is_resumable_and_keeps_passes_in_order(real_dataset, monk
 def record_result(result, path: str) -> None:
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(dataclasses.asdict(result)) + "\n")
+
+
+def test_the_transform_makes_and_refreshes_every_layer_as_the_command(make_dataset):
+    """Two layers in one transform, then a refresh of two boxes after an edit of mag 1: each
+    equal to the command's on a copy."""
+    ours, theirs = make_dataset("transform/ds"), make_dataset("command/ds")
+    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+        _ = pipeline | bd.beam.DownsamplePyramid(str(ours), coarsest_mag=8)
+    assert run_cli(theirs, "--coarsest-mag", "8").returncode == 0
+    assert_same_pyramid(ours, theirs)
+    boxes = ["3,5,7,10,10,5", "30,20,9,10,16,3"]
+    for path in (ours, theirs):
+        edit_finest_mag(path, [3, 5, 7, 10, 10, 5], seed=1)
+        edit_finest_mag(path, [30, 20, 9, 10, 16, 3], seed=2)
+    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+        _ = pipeline | bd.beam.DownsamplePyramid(str(ours), coarsest_mag=8, bboxes=boxes)
+    result = run_cli(theirs, "--coarsest-mag", "8", *[f"--bbox={b}" for b in boxes])
+    assert result.returncode == 0 and "refreshing --bbox 3,5,7,10,10,5 --bbox 30,20,9,10,16,3" in result.stdout
+    assert_same_pyramid(ours, theirs)
 
 
 def test_the_transform_refuses_bad_options_when_built(make_dataset):

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import re
+import signal
+import threading
 import uuid
 from typing import Iterator, Optional
 
@@ -43,12 +45,24 @@ def require_extra(strategy: str) -> None:
         return
     for module in EXTRA_MODULES[extra]:
         try:
-            importlib.import_module(module)
+            import_keeping_sigint(module)
         except ImportError:
             raise UsageError(
                 f"--distribution-strategy {strategy} needs the {extra!r} extra: "
                 f"pip install 'beam-downsample[{extra}]'"
             ) from None
+
+
+def import_keeping_sigint(module: str):
+    """Imports `module`; dask_jobqueue replaces the SIGINT handler when imported (Ctrl-C would
+    then raise SystemExit instead of KeyboardInterrupt, in a notebook too): it is put back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        return importlib.import_module(module)
+    finally:
+        if in_main and handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 def parse_memory(text, decimal_units: bool = False) -> int:
@@ -219,7 +233,7 @@ class Slurm(Cluster):
 
     def job_script(self) -> str:
         """The script each job is submitted with, built by dask-jobqueue without starting a scheduler."""
-        from dask_jobqueue import SLURMCluster  # pylint: disable=import-outside-toplevel
+        SLURMCluster = import_keeping_sigint("dask_jobqueue").SLURMCluster  # pylint: disable=invalid-name
 
         job = SLURMCluster.job_cls("tcp://<scheduler-address>:8786", name="dummy-name", **self.settings)
         return job.job_script()
@@ -229,7 +243,7 @@ class Slurm(Cluster):
 
     @contextlib.contextmanager
     def started(self) -> Iterator[str]:
-        from dask_jobqueue import SLURMCluster  # pylint: disable=import-outside-toplevel
+        SLURMCluster = import_keeping_sigint("dask_jobqueue").SLURMCluster  # pylint: disable=invalid-name
 
         with contextlib.closing(SLURMCluster(**self.settings)) as cluster:
             cluster.scale(jobs=self.jobs)
