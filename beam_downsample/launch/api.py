@@ -100,17 +100,16 @@ class Job:
         if self._ran:
             raise UsageError("this job has run already; prepare() a new one")
         self._ran = True
-        log = log or _print_to_stderr
         if not any(p.target_mags for p in self._plans):
             return dataclasses.replace(self.planned(), dry_run=False)
         if self._engine.build_only:  # Dataflow's --dry_run=True: nothing is created, locked or listed
-            try:
-                running.build_jobs_only(self._plans, self._engine.runner, self._engine.options, log=log)
+            try:  # what was built is output, like the plan (stdout by default)
+                running.build_jobs_only(self._plans, self._engine.runner, self._engine.options, log=log or print)
             except Exception as error:  # pylint: disable=broad-except
                 raise UsageError(f"building the Dataflow job failed: {root_cause(error)}") from error
             return self.planned()
         try:
-            return self._run(progress, log)
+            return self._run(progress, log or _print_to_stderr)
         except (Error, KeyboardInterrupt):
             raise
         except Exception as error:  # pylint: disable=broad-except
