@@ -10,6 +10,7 @@ for every interpolation, and kill -9 + rerun of a sparse run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import itertools
 import os
@@ -35,7 +36,7 @@ from beam_downsample.plan.options import JobOptions
 from beam_downsample.plan.units import source_units
 from beam_downsample.run import job
 from beam_downsample.state import markers
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, prefetch, stored
 from beam_downsample.store.properties import load_dataset
 from beam_downsample.transforms import seeds, work
 from beam_downsample.transforms.downsample import DownsamplePass
@@ -431,10 +432,11 @@ class PoisonedScratch(work.Scratch):
             yield buffer
 
 
-@pytest.mark.parametrize("skip_zeros", [True, False])
-def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
+@pytest.mark.parametrize("skip_zeros, fetched", [(True, False), (False, False), (True, True), (False, True)])
+def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros, fetched):
     """skip_zeros on a fresh target writes only the tiles holding data; without it every
-    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact."""
+    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact.
+    `fetched`: the source comes through store.prefetch (as from a bucket) in boxes of 1 MiB."""
     path = tmp_path / "ds"
     dense = small_sparse(path, segmentation)
     dataset = load_dataset(str(path))
@@ -450,8 +452,11 @@ def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
                 target[arrays.region_index(level.region)].write(
                     np.full((1, *level.region.shape), 7, dtype=np.uint32)).result()
         grid = plan.grids[index]
+        prefetcher = prefetch.Prefetcher(config.source_spec, source) if fetched else None
+        if fetched:
+            config = dataclasses.replace(config, prefetch_bytes=1 << 20)
         for unit in grid.units(grid.all_indices()):
-            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros)
+            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros, prefetcher=prefetcher)
     pyramid = reference_pyramid(dense[None], (1, 1, 1), (0, 0, 0), SMALL, PYRAMID_16, "mode")
     for mag, (start, expected) in pyramid.items():
         got = read_window(str(path), "segmentation", mag, "zarr3", [0, 0, 0], list(expected.shape[1:]))

@@ -36,3 +36,6 @@ class PassConfig:
     tile_voxels: int = 16 << 20
     refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
     compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)
+    # > 0: the source is remote; a unit fetches its encoded chunks in boxes of at most this many raw
+    # bytes, each in one round of requests (store.prefetch), and decodes them from memory
+    prefetch_bytes: int = 0

@@ -21,7 +21,7 @@ from beam_downsample.core.grid import CHUNK, MAX_GRID_UNITS, SHARD, Pass, UnitBu
 from beam_downsample.core.mags import factor_between
 from beam_downsample.plan import refresh
 from beam_downsample.plan.passes import LayerPasses
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, prefetch, stored
 from beam_downsample.store.properties import Layer
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[t
     dense_reason = None
     for index, (a_pass, config) in enumerate(zip(chain.passes, chain.configs)):
         refreshes = index < chain.refreshing
-        grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
+        pass_budget = dataclasses.replace(budget, remote=prefetch.is_remote(config.source_spec))
+        grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, pass_budget)
         if refreshes:
             grid = refresh.refresh_grid(grid, a_pass, chain.box)
         if index == 0 or index == chain.refreshing:  # the source is a complete mag: list it
@@ -64,7 +65,9 @@ def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[t
             indices = refresh_units(config, grid, indices)
         grids.append(grid)
         planned.append(indices)
-        configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS))
+        configs.append(dataclasses.replace(
+            config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS,
+            prefetch_bytes=pass_budget.prefetch_bytes(a_pass, _largest_unit(grid), bytes_per_voxel)))
     return tuple(grids), tuple(planned), tuple(configs), dense_reason
 
 
@@ -225,9 +228,11 @@ def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndar
 def unit_memory(plan: LayerPlan, index: int) -> float:
     """Estimated peak memory of the pass's largest unit (the model that sized the units)."""
     config = plan.configs[index]
-    budget = UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels)
+    budget = UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels,
+                        remote=config.prefetch_bytes > 0)
     bytes_per_voxel = plan.layer.dtype.itemsize * plan.layer.num_channels
-    return budget.unit_bytes(plan.passes[index], _largest_unit(plan.grids[index]), bytes_per_voxel)
+    return budget.unit_bytes(plan.passes[index], _largest_unit(plan.grids[index]), bytes_per_voxel,
+                             config.prefetch_bytes or None)
 
 
 def _largest_unit(grid: UnitGrid) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ class Tally:
         self._interval = _interval(marker_dir)
         self._count = 0
         self._written = -1
-        self._last = 0.0
+        self._last = time.monotonic()  # the first write after an interval, or at the end of the bundle
         self._lock = threading.Lock()
 
     def add(self) -> None:

@@ -30,7 +30,7 @@ def _key_pattern(prefix: str, separator: str, rank: int) -> re.Pattern:
     return re.compile(re.escape(prefix) + re.escape(separator).join([number] * rank) + "$", re.M)
 
 
-def _chunk_layout(array) -> tuple[tuple[int, ...], str, str]:
+def chunk_layout(array) -> tuple[tuple[int, ...], str, str]:
     """(chunk shape of one stored key, key prefix, separator) of a zarr array opened by tensorstore."""
     metadata = array.spec().to_json()["metadata"]
     if metadata.get("zarr_format", 2) == 3 or "chunk_grid" in metadata:
@@ -68,7 +68,7 @@ def stored_boxes(spec: dict) -> tuple[np.ndarray, np.ndarray]:
         raise Dense(f"its fill value is {fill.tolist()}, not 0")
     if array.rank != 4:
         raise Dense(f"its array has rank {array.rank}, not (c, x, y, z)")
-    shape, prefix, separator = _chunk_layout(array)
+    shape, prefix, separator = chunk_layout(array)
     keys = [key.decode("utf-8", "replace") for key in ts.KvStore.open(spec["kvstore"]).result().list().result()]
     grid = _parse(keys, _key_pattern(prefix, separator, 4), 4)
     size = np.array(shape[1:], dtype=np.int64)
@@ -98,7 +98,7 @@ def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray) -> Optional[tuple[np
     chunk = np.array(configuration["chunk_shape"], dtype=np.int64)
     if len(shard) != 4 or np.any(shard % chunk) or shard[0] < array.shape[0]:
         return None  # (channels split over several shards: their keys name more than boxes)
-    _, prefix, separator = _chunk_layout(array)
+    _, prefix, separator = chunk_layout(array)
     base = spec["kvstore"]
     futures = []
     for start in np.unique(np.asarray(keys_starts, dtype=np.int64).reshape(-1, 3), axis=0):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Iterable, Sequence
 
 import apache_beam as beam
-import tensorstore as ts
 from apache_beam.metrics import Metrics
 
 from beam_downsample.core.config import PassConfig
@@ -41,19 +41,9 @@ class DownsampleUnitFn(beam.DoFn):
         self._record_failures = record_failures
 
     def setup(self) -> None:
-        context = ts.Context(arrays.context_spec())
-        self._arrays = {}
-        self._probes = {}
-        probe_context = stored.probe_context()
+        self._arrays, self._probes, self._prefetchers = work.open_pass_arrays(self._configs)
         for key, config in self._configs.items():
-            source = arrays.open_array(config.source_spec, context, open=True)
-            targets = [arrays.open_array(level.spec, context, open=True) for level in config.levels]
-            self._arrays[key] = (source, targets)
-            # storage statistics go to a second handle that caches shard indices (the reading one caches
-            # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
-            self._probes[key] = source if config.source_spec["driver"] == "wkw" else arrays.open_array(
-                config.source_spec, probe_context, open=True, recheck_cached_data=False)
-            work.prepare_kernels(config, arrays.array_dtype(source))  # loads while the first tiles are read
+            work.prepare_kernels(config, arrays.array_dtype(self._arrays[key][0]))  # loads while tiles are read
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._units = Metrics.counter("beam_downsample", "work_units")
         self._read = Metrics.counter("beam_downsample", "voxels_read")
@@ -63,7 +53,18 @@ class DownsampleUnitFn(beam.DoFn):
         first = next(iter(self._configs.values()))
         self._tally = progress.Tally(first.marker_dir)
 
+    def start_bundle(self):
+        # small writes (worker state, done-markers) run beside the units instead of before or after them
+        self._bookkeeping = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="beam-downsample-state")
+        self._marking: list = []
+
     def finish_bundle(self):
+        try:
+            for marking in self._marking:  # every marker is stored before the bundle counts as done
+                marking.result()
+        finally:
+            self._marking = []
+            self._bookkeeping.shutdown(wait=True)
         self._tally.flush()
 
     def teardown(self):
@@ -71,31 +72,39 @@ class DownsampleUnitFn(beam.DoFn):
             self._tally.flush()
 
     def process(self, unit: WorkUnit) -> Iterable[str]:
-        config = self._configs[(unit.layer, unit.pass_index)]
-        source, targets = self._arrays[(unit.layer, unit.pass_index)]
-        workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
+        key = (unit.layer, unit.pass_index)
+        config = self._configs[key]
+        source, targets = self._arrays[key]
+        prefetcher = self._prefetchers.get(key)
+        # a launcher that sees this worker die knows what it ran; written while the unit reads
+        starting = self._bookkeeping.submit(workerstate.starting, config, unit)
         try:
-            probe = self._probes[(unit.layer, unit.pass_index)]
-            if not config.refresh and stored.box_not_stored(probe, unit.box):
-                markers.mark_done(config, unit)
-                self._empty.inc()
-                self._tally.add()
-                yield unit.key
-                return
-            # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
-            stats = work.run_unit(config, unit, source, targets, self._scratch, probe, skip_zeros=not config.refresh)
+            probe = self._probes[key]
+            if prefetcher is None and not config.refresh and stored.box_not_stored(probe, unit.box):
+                empty = True
+            else:  # (a remote source's stored chunks are known once its shard indices are read: no probe)
+                # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
+                stats = work.run_unit(config, unit, source, targets, self._scratch, probe,
+                                      skip_zeros=not config.refresh, prefetcher=prefetcher)
+                empty = stats.voxels_read == 0 and prefetcher is not None and not config.refresh
+            starting.result()
         except Exception as error:  # pylint: disable=broad-except
             if not self._record_failures:
+                self._bookkeeping.shutdown(wait=True)  # the bundle fails: no thread of ours stays behind
                 raise
             markers.record_failure(config, unit, error)
             self._failed.inc()
             yield unit.key
             return
-        markers.mark_done(config, unit)
+        # written after every level is stored; the next unit need not wait for it (finish_bundle does)
+        self._marking.append(self._bookkeeping.submit(markers.mark_done, config, unit))
         self._tally.add()
-        self._units.inc()
-        self._read.inc(stats.voxels_read)
-        self._written.inc(stats.voxels_written)
+        if empty:
+            self._empty.inc()
+        else:
+            self._units.inc()
+            self._read.inc(stats.voxels_read)
+            self._written.inc(stats.voxels_written)
         yield unit.key
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 import mmap
 import sys
@@ -23,7 +24,7 @@ from beam_downsample.core.box import Box, split_box
 from beam_downsample.core.config import PassConfig
 from beam_downsample.core.grid import WorkUnit
 from beam_downsample.kernels import reduce
-from beam_downsample.store import arrays, stored, wkw_io
+from beam_downsample.store import arrays, prefetch, stored, wkw_io
 
 
 @dataclasses.dataclass
@@ -104,6 +105,37 @@ def replicate_edges(data: np.ndarray, box: Box, region: Box) -> None:
             data[tuple(index)] = data[tuple(source)]
 
 
+def open_pass_arrays(configs: dict) -> tuple[dict, dict, dict]:
+    """For each (layer, pass) of `configs`: (source, targets), a probe of the source, and a
+    `prefetch.Prefetcher` where the source is remote (else none); every array's metadata is
+    read at once (on a bucket one round trip, not one per array).
+
+    The probe answers storage statistics from cached shard indices (the reading handle caches
+    nothing), never revalidated: the source does not change during the pass. A remote source
+    needs none: its prefetcher reads the indices anyway."""
+    context = ts.Context(arrays.context_spec())
+    specs = []
+    for config in configs.values():
+        specs += [config.source_spec, *[level.spec for level in config.levels]]
+    opened = iter(arrays.open_arrays(specs, context, open=True))
+    pairs, probes, prefetchers = {}, {}, {}
+    local = {}
+    for key, config in configs.items():
+        source = next(opened)
+        pairs[key] = (source, [next(opened) for _ in config.levels])
+        if prefetch.is_remote(config.source_spec) and config.prefetch_bytes > 0 and prefetch.Prefetcher.supports(source):
+            prefetchers[key] = prefetch.Prefetcher(config.source_spec, source)
+            probes[key] = source
+        elif config.source_spec["driver"] == "wkw":
+            probes[key] = source
+        else:
+            local[key] = config.source_spec
+    opened_probes = arrays.open_arrays(list(local.values()), stored.probe_context(), open=True,
+                                       recheck_cached_data=False)
+    probes.update(zip(local, opened_probes))
+    return pairs, probes, prefetchers
+
+
 def prepare_kernels(config: PassConfig, dtype: np.dtype) -> None:
     """Starts loading the compiled kernels the pass's levels use (see `reduce.prepare`),
     unless the pass has too little work to pay for them (`config.compiled`)."""
@@ -154,7 +186,8 @@ def halve(box: Box, align: Sequence[int]) -> list[Box]:
 def classify_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
                    split_voxels: int = SPLIT_VOXELS) -> Iterator[tuple[Box, bool]]:
     """(tile, stored) pieces covering `tiles` exactly: stored ones are to be read,
-    the others hold nothing stored (they read as 0).
+    the others hold nothing stored (they read as 0). `probe` is an array (its
+    storage statistics are asked) or a `prefetch.Fetched` box (which knows).
 
     A tile of which only some chunks are stored is halved (on the `align`
     grid, so every piece is still a tile) and its halves asked again, down to
@@ -163,10 +196,11 @@ def classify_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
     and its pieces are handed out before the next round is asked, so reading
     starts while the split goes on.
     """
+    states = probe.states if isinstance(probe, prefetch.Fetched) else functools.partial(stored.box_states, probe)
     todo = list(tiles)
     while todo:
         split = []
-        for tile, state in zip(todo, stored.box_states(probe, todo)):
+        for tile, state in zip(todo, states(todo)):
             if state == stored.NOTHING:
                 yield tile, False
                 continue
@@ -185,6 +219,40 @@ def stored_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
     return [t for t, s in pieces if s], [t for t, s in pieces if not s]
 
 
+def source_parts(config: PassConfig, unit: WorkUnit, source, probe=None, prefetcher=None,
+                 fetching: concurrent.futures.Executor | None = None) -> Iterator[tuple[object, Iterator]]:
+    """The unit's source as (array to read from, its `classify_tiles` pieces), part after part.
+
+    Local source: one part, the source itself, asked tile by tile (`probe`).
+    Remote source (`prefetcher`): the unit in boxes of at most
+    `config.prefetch_bytes` raw bytes, slabs across x (the slowest axis of a
+    shard's storage order, so a box is few byte ranges), each fetched in one
+    round of requests on `fetching` while the part before is being decoded
+    and reduced. The caller finishes a part's tiles before asking for the
+    next, so at most two boxes are in memory.
+    """
+    if prefetcher is None:
+        tiles = split_box(unit.box, config.tile_alignment, config.tile_voxels)
+        yield source, classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
+        return
+    assert fetching is not None
+    boxes = prefetch_boxes(config, unit.box, arrays.array_dtype(source))
+    pending = fetching.submit(prefetcher.fetch, boxes[0])
+    for index, box in enumerate(boxes):
+        fetched = pending.result()
+        if index + 1 < len(boxes):
+            pending = fetching.submit(prefetcher.fetch, boxes[index + 1])
+        tiles = split_box(box, config.tile_alignment, config.tile_voxels)
+        yield fetched.array, classify_tiles(fetched, tiles, config.tile_alignment)
+        del fetched
+
+
+def prefetch_boxes(config: PassConfig, box: Box, dtype: np.dtype) -> list[Box]:
+    """`box` in slabs across x (then y, z) of at most `config.prefetch_bytes` raw bytes, on the tile grid."""
+    voxels = max(config.prefetch_bytes // (np.dtype(dtype).itemsize * config.channels), 1)
+    return split_box(box, config.tile_alignment, voxels, halve=(0, 1, 2))
+
+
 def run_unit(
     config: PassConfig,
     unit: WorkUnit,
@@ -193,6 +261,7 @@ def run_unit(
     scratch: Scratch | None = None,
     probe=None,
     skip_zeros: bool = False,
+    prefetcher=None,
 ) -> UnitStats:
     """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes.
 
@@ -204,7 +273,9 @@ def run_unit(
 
     Only the source's stored chunks are read (`classify_tiles`, asking `probe`,
     a handle of the source with cached shard indices; default `source`):
-    zeros reduce to zeros with every interpolation (tested). With
+    zeros reduce to zeros with every interpolation (tested). A remote
+    source comes through `prefetcher` (`store.prefetch`) in a few large
+    boxes, each one round of requests (`source_parts`). With
     `skip_zeros` the target is known to hold nothing in the unit's region
     that this unit would not write again (a fresh mag, or one a crashed run
     of the same plan left), so the zero parts of the levels are neither set
@@ -219,8 +290,6 @@ def run_unit(
     unit_levels = level_boxes(config, unit.box)
     dtype = arrays.array_dtype(source)
     prepare_kernels(config, dtype)
-    tiles = split_box(unit.box, config.tile_alignment, config.tile_voxels)
-    pieces = classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
     live: list[Box] = []  # tiles reduced into the level buffers
     done: list[Box] = []  # every tile read or left out
     lock = threading.Lock()
@@ -232,13 +301,13 @@ def run_unit(
                 box = box.scaled_down(level.factor)
                 buffer[arrays.local_index(box, unit_box)] = 0
 
-        def work_on(tile: Box, is_stored: bool) -> None:
+        def work_on(reader, tile: Box, is_stored: bool) -> None:
             if not is_stored:
                 if not skip_zeros:
                     zero_levels(tile)
                 return
             with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
-                arrays.read_box(source, tile, config.channels, out=data)
+                arrays.read_box(reader, tile, config.channels, out=data)
                 with lock:
                     stats.voxels_read += tile.voxels
                 if dtype.kind != "f" and not data.any():  # all zero: not reduced (floats: -0.0 must stay -0.0)
@@ -249,16 +318,19 @@ def run_unit(
                 with lock:
                     live.append(tile)
 
-        if config.threads <= 1:
-            for tile, is_stored in pieces:
-                done.append(tile)
-                work_on(tile, is_stored)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(config.threads) as pool:
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(config.threads)) \
+                if config.threads > 1 else None
+            fetching = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="beam-downsample-fetch")) if prefetcher is not None else None
+            for reader, pieces in source_parts(config, unit, source, probe, prefetcher, fetching):
                 futures = []
                 for tile, is_stored in pieces:
                     done.append(tile)
-                    futures.append(pool.submit(work_on, tile, is_stored))
+                    if pool is None:
+                        work_on(reader, tile, is_stored)
+                    else:
+                        futures.append(pool.submit(work_on, reader, tile, is_stored))
                 for future in futures:
                     future.result()
         if skip_zeros and len(live) < len(done):
