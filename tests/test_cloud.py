@@ -60,10 +60,11 @@ def source_spec(path, data_format: str) -> dict:
     return {"driver": driver, "kvstore": arrays.kvstore_spec(os.path.join(os.fspath(path), "segmentation", "1"))}
 
 
-@pytest.mark.parametrize("data_format", FORMATS)
-def test_fetched_box_reads_like_the_source(segmentation, tmp_path, data_format):
+@pytest.mark.parametrize("data_format, whole", [(f, False) for f in FORMATS] + [("zarr3", True)])
+def test_fetched_box_reads_like_the_source(segmentation, tmp_path, data_format, whole):
     """Every box read from the fetched chunks equals tensorstore's read of the source, and the
-    stored-or-not answers equal tensorstore's storage statistics, for each format."""
+    stored-or-not answers equal tensorstore's storage statistics, for each format. `whole`: the
+    layer's region is given, so a box holding a shard's part of it reads that shard whole."""
     dense = blocks_dataset(tmp_path / "ds", segmentation, data_format)
     spec = source_spec(tmp_path / "ds", data_format)
     source = arrays.open_array(spec, open=True)
@@ -72,7 +73,7 @@ def test_fetched_box_reads_like_the_source(segmentation, tmp_path, data_format):
     rng = np.random.default_rng(3)
     for box in [Box((0, 0, 0), (200, 150, 96)), Box((64, 32, 32), (160, 128, 96)), Box((96, 0, 0), (128, 32, 32)),
                 Box((150, 120, 60), (260, 200, 130))]:
-        fetched = fetcher.fetch(box)
+        fetched = fetcher.fetch(box, Box((0, 0, 0), dense.shape) if whole else None)
         inside = box.intersect(Box((0, 0, 0), dense.shape))
         np.testing.assert_array_equal(arrays.read_box(fetched.array, inside, 1)[0], dense[
             tuple(slice(a, b) for a, b in zip(inside.start, inside.stop))])

@@ -268,7 +268,8 @@ def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
         assert set(plan.planned[0].tolist()) == needed
         # the shard listing alone names many more (512 units share a 1024^3 shard); the storage
         # statistics leave only the units holding chunks, e.g. the lonely chunk's unit alone
-        by_shard, _ = source_units(plan.configs[0], grid, refine=False)
+        by_shard, _, exact = source_units(plan.configs[0], grid, refine=False)
+        assert not exact
         assert len(by_shard) > 4 * len(needed)
         assert grid.index_of_starts(np.array([[50016, 10016, 3008]]))[0] in needed
     assert run(path, "--dry-run", "--coarsest-mag", "16-16-8", "--memory-budget", "256M") == 0

@@ -48,7 +48,7 @@ def clean(base, tmp_path_factory):
 
 def worker_states(dataset) -> list[dict]:
     states = []
-    for path in glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "workers", "*.json")):
+    for path in glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "workers", "*.json")):
         try:
             with open(path, encoding="utf-8") as handle:
                 states.append(json.load(handle))
@@ -138,7 +138,7 @@ def test_unit_that_keeps_killing_its_worker_is_named_and_rerun_resumes(base, cle
     assert_no_traceback(result.stderr)
     assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*.lock"))  # locks released
     assert glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "*.done"))  # markers kept
-    assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "workers", "*"))
+    assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "workers", "*"))
 
     rerun = run_cli_pinned(dataset, *ARGS)
     assert rerun.returncode == 0, rerun.stderr

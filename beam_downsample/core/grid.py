@@ -187,6 +187,14 @@ class UnitGrid:
         flat = (cells[:, 0] * counts[1] + cells[:, 1]) * counts[2] + cells[:, 2]
         return np.unique(flat)
 
+    def spans_several(self, starts: np.ndarray, stops: np.ndarray) -> bool:
+        """True if any of the boxes `[starts, stops)` (clipped to the region) overlaps more than one unit."""
+        starts = np.maximum(np.asarray(starts, dtype=np.int64).reshape(-1, 3), np.array(self.region.start))
+        stops = np.minimum(np.asarray(stops, dtype=np.int64).reshape(-1, 3), np.array(self.region.stop))
+        keep = np.all(stops > starts, axis=1)
+        shape = np.array(self.shape)
+        return bool(np.any(starts[keep] // shape != (stops[keep] - 1) // shape))
+
     def boxes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(starts, stops) of the units `indices`, clipped to the region, vectorised."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -35,10 +35,10 @@ from beam_downsample.core.mags import MagError, parse_mag
 from beam_downsample.kernels import reduce
 from beam_downsample.launch import runners
 from beam_downsample import plan
-from beam_downsample.plan import refresh
+from beam_downsample.plan import cost, refresh
 from beam_downsample.plan.pyramid import SAMPLING_MODES
-from beam_downsample.run import job
-from beam_downsample.store import locks, storage
+from beam_downsample.run import accounting, job
+from beam_downsample.store import locks, storage, usage
 from beam_downsample.store.properties import DatasetError, load_dataset
 
 if _COLLECTING:
@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = FLAGS(argv, known_only=True)
     except flags.Error as error:
         return _fail(str(error).splitlines()[0])
+    start = usage.mark()  # the done line counts this run's storage requests from here
     try:
         target_candidates, beam_flags = runners.split_beam_flags(rest[1:])
     except runners.UsageError as error:
@@ -199,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sized is not None:
             print(sized.describe(plan.pass_sizes(plans)))
         print(engine.describe())
+        costs = cost.describe(plans)
+        if costs:
+            print(costs)
         return 0
     if not any(p.target_mags for p in plans):
         return 0
@@ -230,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    summary = ", ".join(f"{k}={v}" for k, v in sorted(metrics.items()))
-    print(f"done: {summary}" if summary else "done")
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(accounting.work_metrics(metrics).items()))
+    requests = accounting.describe(accounting.storage_requests(metrics, start))
+    print(("done: " + summary if summary else "done") + (f"; {requests}" if requests else ""))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from beam_downsample.core.mags import mag_name
@@ -47,16 +48,20 @@ def _sparse_note(plan: LayerPlan, index: int) -> str:
     count, total = len(plan.planned[index]), plan.grids[index].count
     if count == total:
         return ""
+    if plan.exact and plan.exact[index]:
+        return f" ({count:,} of {total:,} work units hold data)"
     listed = index == 0 or plan.configs[index - 1].refresh  # planned from a listing of a complete mag
-    return f" ({'' if listed else 'at most '}{count:,} of {total:,} work units hold data)"
+    why = "their shards or files do; the workers skip the empty ones" if listed else "mapped from the pass before"
+    return f" (at most {count:,} of {total:,} work units hold data: {why})"
 
 
 def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
     """Warnings for refreshes of these layers that were interrupted and not rerun: their
     mags are partly refreshed until the same `--bbox` runs again (one listing per layer)."""
     warnings = []
-    for plan in plans:
-        names = storage.list_names(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
+    listed = storage.concurrently([functools.partial(storage.list_names, storage.join_inside(
+        dataset.path, STATE_DIR, plan.layer.name)) for plan in plans], dataset.path)
+    for plan, names in zip(plans, listed):
         for box in refresh.interrupted(names):
             if box != plan.refresh_box:
                 warnings.append(

@@ -10,6 +10,7 @@ checked here before the first byte is written (`run.job` runs the plan).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from beam_downsample.core.mags import Mag
 from beam_downsample.plan import layers, passes, pyramid, units
 from beam_downsample.plan.options import JobOptions
 from beam_downsample.plan.passes import WORKER_OVERHEAD_BYTES
+from beam_downsample.store import arrays, storage
 from beam_downsample.store.properties import Dataset, Layer
 
 
@@ -42,6 +44,7 @@ class LayerPlan:
     configs: tuple[PassConfig, ...]  # per pass
     dense_reason: Optional[str] = None  # why pass 1 plans every unit
     refresh_box: Optional[Box] = None  # `--bbox` within the layer; its passes with `config.refresh` refresh it
+    exact: tuple[bool, ...] = ()  # per pass: planned units are exactly those holding data (else an upper bound)
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
@@ -51,20 +54,26 @@ class LayerPlan:
 
 def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
     """Plans every selected layer; raises DatasetError/PlanningError/RefreshError before touching anything."""
-    chosen = layers.select(dataset, options)
-    align_with = pyramid.aligned_with(dataset, chosen, options)
-    budget = passes.unit_budget(options)
-    plans = []
-    for layer in chosen:
-        source = layers.source_mag(layer, options)
-        targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
-        chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
-        grids, planned, configs, dense_reason = units.layer_units(layer, chain, budget)
-        plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box)
-        check_worker_memory(plan, options)
-        plans.append(plan)
+    with arrays.metadata_read_once():
+        chosen = layers.select(dataset, options)
+        align_with = pyramid.aligned_with(dataset, chosen, options)
+        budget = passes.unit_budget(options)
+        # the layers at once: on a bucket each one's listings and reads wait on latency, not on the others
+        plans = storage.concurrently([functools.partial(plan_layer, dataset, layer, options, align_with, budget)
+                                      for layer in chosen], dataset.path)
     layers.check_write_paths(dataset, plans)
     return plans
+
+
+def plan_layer(dataset: Dataset, layer: Layer, options: JobOptions, align_with, budget) -> LayerPlan:
+    """One layer's plan: its mags, passes and units (steps 2-4)."""
+    source = layers.source_mag(layer, options)
+    targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
+    chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
+    grids, planned, configs, dense_reason, exact = units.layer_units(layer, chain, budget)
+    plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box, exact)
+    check_worker_memory(plan, options)
+    return plan
 
 
 def check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
@@ -99,5 +108,13 @@ def pass_units(plans: Sequence[LayerPlan], index: int, listed: bool = True) -> l
     planning's upper bound.
     """
     active = [p for p in plans if index < len(p.passes)]
-    return [p.planned[index] if index == 0 or not listed or p.configs[index].refresh
-            else units.source_units(p.configs[index], p.grids[index])[0] for p in active]
+    if index == 0 or not listed or not active:
+        return [p.planned[index] for p in active]
+    return storage.concurrently([functools.partial(_listed_units, p, index) for p in active],
+                                active[0].configs[index].marker_dir)
+
+
+def _listed_units(plan: LayerPlan, index: int) -> np.ndarray:
+    if plan.configs[index].refresh:
+        return plan.planned[index]
+    return units.source_units(plan.configs[index], plan.grids[index])[0]

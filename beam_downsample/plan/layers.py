@@ -6,6 +6,7 @@ mags where we rewrite them) and every path the run will write.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,8 +25,8 @@ def select(dataset: Dataset, options: JobOptions) -> list[Layer]:
     """The layers to plan (all, or `--layer-name`), each checked: writable, and its source mag readable."""
     layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
     check_writable(dataset.path, [layer.name for layer in layers])
-    for layer in layers:
-        arrays.check_source_array(layer, dataset.path, source_mag(layer, options))
+    storage.concurrently([functools.partial(arrays.check_source_array, layer, dataset.path, source_mag(layer, options))
+                          for layer in layers], dataset.path)
     return layers
 
 

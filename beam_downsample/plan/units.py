@@ -41,13 +41,16 @@ REFINE_CACHE_BYTES = 256 << 20  # shard indices read once, not once per unit
 COMPILED_MIN_VOXELS = 32 << 20
 
 
-def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[tuple, tuple, tuple, Optional[str]]:
+def layer_units(layer: Layer, chain: LayerPasses,
+                budget: UnitBudget) -> tuple[tuple, tuple, tuple, Optional[str], tuple]:
     """Per pass the unit grid, the planned unit indices and the config (whether the pass
-    uses the compiled kernels depends on its units); and why pass 1 plans every unit, if it does."""
+    uses the compiled kernels depends on its units); why pass 1 plans every unit, if it does;
+    and per pass whether the planned units are exactly those holding data (else an upper bound)."""
     bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
     grids: list[UnitGrid] = []
     planned: list[np.ndarray] = []
     configs: list[PassConfig] = []
+    exact: list[bool] = []
     dense_reason = None
     for index, (a_pass, config) in enumerate(zip(chain.passes, chain.configs)):
         refreshes = index < chain.refreshing
@@ -56,19 +59,21 @@ def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[t
         if refreshes:
             grid = refresh.refresh_grid(grid, a_pass, chain.box)
         if index == 0 or index == chain.refreshing:  # the source is a complete mag: list it
-            indices, reason = source_units(config, grid)
+            indices, reason, listed_exactly = source_units(config, grid)
             if not refreshes:
                 dense_reason = reason
         else:  # the pass before has not run yet: what it can have written
-            indices = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid)
+            indices, listed_exactly = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid), False
         if refreshes:  # also where the targets hold data, which the edit may have erased
-            indices = refresh_units(config, grid, indices)
+            indices, target_exactly = refresh_units(config, grid, indices)
+            listed_exactly = listed_exactly and target_exactly
         grids.append(grid)
         planned.append(indices)
+        exact.append(listed_exactly)
         configs.append(dataclasses.replace(
             config, compiled=_voxels(grid, indices) >= COMPILED_MIN_VOXELS,
             prefetch_bytes=pass_budget.prefetch_bytes(a_pass, _largest_unit(grid), bytes_per_voxel)))
-    return tuple(grids), tuple(planned), tuple(configs), dense_reason
+    return tuple(grids), tuple(planned), tuple(configs), dense_reason, tuple(exact)
 
 
 def unit_shape(
@@ -80,8 +85,12 @@ def unit_shape(
     """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
 
     Units never exceed one shard of the pass's first target mag, so one unit
-    writes each level with one call into one shard.
+    writes each level with one call into one shard. Of two axes equally long,
+    x grows first; for a remote source z, then y: a shard stores its chunks
+    x-slowest (c, x, y, z), so a unit that spans a shard's z and y is one
+    contiguous run of it, fetched in one request (store.prefetch).
     """
+    order = (lambda a: (shape[a], -a)) if budget.remote else (lambda a: shape[a])
     factor = factor_between(a_pass.source_mag, a_pass.coarsest)
     first = factor_between(a_pass.source_mag, a_pass.target_mags[0])
     shape = [CHUNK * f for f in factor]
@@ -91,7 +100,7 @@ def unit_shape(
     grown = True
     while grown:
         grown = False
-        for axis in sorted(range(3), key=lambda a: shape[a]):
+        for axis in sorted(range(3), key=order):
             candidate = list(shape)
             candidate[axis] *= 2
             if (
@@ -138,33 +147,53 @@ def plan_units(
     return grid.units(grid.all_indices())
 
 
-def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True) -> tuple[np.ndarray, Optional[str]]:
+def source_units(config: PassConfig, grid: UnitGrid,
+                 refine: bool = True) -> tuple[np.ndarray, Optional[str], bool]:
     """The grid's units whose source box holds stored data, from one listing of the
-    source mag: (indices, None), or (every index, why) where a listing cannot tell."""
+    source mag: (indices, None, exact), or (every index, why, True) where a listing cannot
+    tell; `exact` False: some of them may hold nothing (`stored_units`)."""
     try:
-        return stored_units(config.source_spec, grid, refine=refine), None
+        indices, exact = stored_units(config.source_spec, grid, refine=refine)
+        return indices, None, exact
     except stored.Dense as reason:
-        return grid.all_indices(), str(reason)
+        return grid.all_indices(), str(reason), True
 
 
-def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True) -> np.ndarray:
+# Shard indices planning reads to find the units that hold data: at most 64 MiB (128 shards of 32^3
+# chunks in 1024^3, the reference layout). Beyond that the workers answer it: each reads the indices
+# of its unit's shards anyway and skips a unit over empty space.
+PLAN_INDEX_BYTES = 64 << 20
+
+
+def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True) -> tuple[np.ndarray, bool]:
     """The grid's units whose box holds stored data in the array of `spec` (`factor` times
     coarser than the grid's voxels), from one listing of its keys; raises stored.Dense.
+    Returns (indices, exact): not exact where some stored keys (a 1024^3 shard, a wkw file)
+    cover several units and were not looked into, so that some units may hold nothing.
 
-    Where a stored key covers several units (a 1024^3 shard, a wkw file) and the
-    candidates are few, a sharded zarr3 array lists the chunks each stored shard
-    holds (one read of its index), others check each candidate with tensorstore's
-    storage statistics (no data read), all at once.
+    Where keys cover several units and the candidates are few, a sharded zarr3 array
+    lists the chunks each stored shard holds (one read of its index), if those indices
+    are at most PLAN_INDEX_BYTES; a local array of other layouts checks each candidate
+    with tensorstore's storage statistics (no data read), all at once (on a bucket they
+    cost object-metadata requests per candidate: not done).
     """
     factor = np.array(factor)
-    starts, stops = stored.stored_boxes(spec)
+    array, starts, stops = (None, *stored.stored_boxes(spec)) if spec["driver"] == "wkw" else stored.listed(spec)
     indices = grid.overlapping(starts * factor, stops * factor)
+    if not grid.spans_several(starts * factor, stops * factor):
+        return indices, True
     if not refine or not 0 < len(indices) <= REFINE_LIMIT or spec["driver"] == "wkw":
-        return indices
-    chunks = stored.stored_chunk_boxes(spec, starts) if spec["driver"] == "zarr3" else None
-    if chunks is not None:
-        return grid.overlapping(chunks[0] * factor, chunks[1] * factor)
-    return _refine(spec, grid, indices, factor)
+        return indices, False
+    index_bytes = stored.shard_index_bytes(array) if spec["driver"] == "zarr3" else None
+    if index_bytes is not None:
+        if len(starts) * index_bytes > PLAN_INDEX_BYTES:
+            return indices, False
+        chunks = stored.stored_chunk_boxes(spec, starts, array)
+        if chunks is not None:
+            return grid.overlapping(chunks[0] * factor, chunks[1] * factor), True
+    if prefetch.is_remote(spec):
+        return indices, False
+    return _refine(spec, grid, indices, factor), True
 
 
 def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor) -> np.ndarray:
@@ -186,7 +215,7 @@ def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor) -> np.ndarr
     return indices[keep]
 
 
-def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.ndarray:
+def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> tuple[np.ndarray, bool]:
     """A refresh pass's units: where its source holds data (`source`), and where its first
     target mag holds data, which must be cleared if the edit erased it (one listing, then
     the shard indices or storage statistics of the candidates), so a big box over a sparse
@@ -197,10 +226,10 @@ def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.
     each finer mag (outside the box a refresh trusts the existing mags anyway)."""
     level = config.levels[0]
     try:
-        target = stored_units(level.spec, grid, level.factor)
+        target, exact = stored_units(level.spec, grid, level.factor)
     except stored.Dense:
-        return grid.all_indices()
-    return np.union1d(source, target)
+        return grid.all_indices(), True
+    return np.union1d(source, target), exact
 
 
 def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid: UnitGrid) -> np.ndarray:

@@ -27,7 +27,7 @@ from beam_downsample.run import supervise
 from beam_downsample.state import markers
 from beam_downsample.state.progress import Progress
 from beam_downsample.store import arrays, storage, wkw_io
-from beam_downsample.store.properties import Dataset, update_properties, with_new_mags
+from beam_downsample.store.properties import Dataset, read_properties_for_update, update_properties, with_new_mags
 from beam_downsample.transforms import seeds
 from beam_downsample.transforms.downsample import DownsamplePass
 
@@ -38,24 +38,51 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     """Creates every new mag array (and marker directories) before any worker starts.
 
     An array left by an interrupted run of the same plan is kept (its done
-    units are skipped); anything else at a new mag's path is replaced.
+    units are skipped); anything else at a new mag's path is replaced. The
+    passes' marker directories are listed at once, then every mag is created
+    at once (on a bucket each creation is a few requests: none waits for another).
     """
-    for plan in plans:
-        for index, a_pass in enumerate(plan.passes):
+    configs = [(plan, index) for plan in plans for index in range(len(plan.passes))]
+    layer_dirs = [storage.join_inside(dataset.path, plan.layer.name) for plan in plans]
+    # Only units that finished make an array worth keeping; a mag directory that is not there needs no emptying.
+    listed = storage.concurrently([functools.partial(_has_markers, plan.configs[index]) for plan, index in configs]
+                                  + [functools.partial(storage.list_dirs, d) for d in layer_dirs], dataset.path)
+    resuming, present = listed[:len(configs)], dict(zip(layer_dirs, map(set, listed[len(configs):])))
+    creations = []
+    for (plan, index), resumes in zip(configs, resuming):
+        storage.makedirs(plan.configs[index].marker_dir)
+        there = present[storage.join_inside(dataset.path, plan.layer.name)]
+        for mag in plan.passes[index].target_mags:
+            creations.append(functools.partial(_create_mag, dataset, plan, index, mag, resumes,
+                                               mag_name(mag) in there))
+    made = iter(storage.concurrently(creations, dataset.path))
+    again = []
+    for (plan, index), resumes in zip(configs, resuming):
+        kept = [next(made) for _ in plan.passes[index].target_mags]
+        if resumes and not all(kept) and not plan.configs[index].refresh:
+            # a different layout: the pass's markers are worthless, and so is what its other mags hold
             config = plan.configs[index]
-            # Only units that finished make an array worth keeping.
-            resuming = any(name.endswith(".done") for name in storage.list_names(config.marker_dir))
+            storage.delete_tree(config.marker_dir)
             storage.makedirs(config.marker_dir)
-            for mag in a_pass.target_mags:
-                files = _wkw_files(plan, index, mag) if plan.layer.data_format == "wkw" else None
-                if config.refresh:  # an existing mag: written into, never recreated
-                    arrays.open_refreshed_mag(arrays.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
-                    continue
-                kept = arrays.create_mag(arrays.new_mag_spec(plan.layer, dataset.path, mag), resuming, files)
-                if resuming and not kept:  # different layout: its markers are worthless
-                    storage.delete_tree(config.marker_dir)
-                    storage.makedirs(config.marker_dir)
-                    resuming = False
+            again += [functools.partial(_create_mag, dataset, plan, index, mag, False)
+                      for mag, was_kept in zip(plan.passes[index].target_mags, kept) if was_kept]
+    storage.concurrently(again, dataset.path)
+
+
+def _has_markers(config: PassConfig) -> bool:
+    return any(name.endswith(markers.DONE) for name in storage.list_names(config.marker_dir))
+
+
+def _create_mag(dataset: Dataset, plan: LayerPlan, index: int, mag: Mag, resuming: bool, exists: bool = True) -> bool:
+    """Creates (or, resuming, keeps) one new mag of pass `index`; True if an existing one was kept.
+    A refresh writes into the existing mag, never recreated. `exists`: False if the listing of the
+    layer's directory showed nothing at the mag's path."""
+    files = _wkw_files(plan, index, mag) if plan.layer.data_format == "wkw" else None
+    spec = arrays.new_mag_spec(plan.layer, dataset.path, mag)
+    if plan.configs[index].refresh:
+        arrays.open_refreshed_mag(spec, resuming, files)
+        return True
+    return arrays.create_mag(spec, resuming, files, exists)
 
 
 def _wkw_files(plan: LayerPlan, index: int, mag: Mag) -> np.ndarray:
@@ -121,18 +148,25 @@ def run_job(
     report: Callable[[int, int, str], None] = lambda done, total, label: None,
     log: Callable[[str], None] = print,
     record_failures: bool = False,
+    report_seconds: float = 0.0,
 ) -> dict:
-    """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata."""
+    """Runs the passes in order; after each, lists its mags in the properties and NGFF metadata.
+
+    Per pass the launcher lists each layer's pass state once at the start (what is done, and
+    an earlier run's leftovers) and once at the end (what is done or failed), the layers at
+    once; independent writes (leftovers, NGFF) go out together. `report_seconds`: how often
+    the display shows progress (the tallies are read no more often)."""
     metrics: dict = {}
     pass_count = max((len(p.passes) for p in plans), default=0)
+    state = [(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name), None) for plan in plans]
     for index, active, configs in each_pass(plans):
-        for config in configs:
-            for stale in markers.failures(config):  # an earlier run's failures: these units run again
-                storage.delete(stale)
         grids = [p.grids[index] for p in active]
+        listings = list_passes(dataset.path, configs)
+        # an earlier run's failure records (those units run again), tallies (in `done` below) and worker states
+        storage.delete_all([path for listing in listings for path in listing.leftovers])
         planned = pass_units(plans, index)
         total = sum(map(len, planned))
-        todo = unfinished(configs, grids, planned)
+        todo = [markers.not_done(c, g, i, listing) for c, g, i, listing in zip(configs, grids, planned, listings)]
         remaining = sum(map(len, todo))
         if remaining < total:
             log(f"resuming: {total - remaining} of {total} work units of pass {index + 1} already done")
@@ -149,14 +183,20 @@ def run_job(
                 pass_seeds = [s for cf, gr, t in zip(c, g, work.indices) for s in seeds.make_seeds(gr, t, cf.marker_dir)]
                 return _run_pass(i, pass_seeds, g, c, pass_runner, pass_options, record_failures)
 
-            with Progress(configs, total, label, report, done=total - remaining) as bar:
+            with Progress(configs, total, label, report, done=total - remaining, seconds=report_seconds) as bar:
                 result = supervise.run_pass(
                     index, Todo(todo), configs, start,
                     lambda c=configs, g=grids, p=planned, b=bar: b.rerun(Todo(unfinished(c, g, p))),
                     pass_runner, pass_options, log=log,
                 )
+                listings = list_passes(dataset.path, configs)
+                missing = [markers.not_done(c, g, i, listing)
+                           for c, g, i, listing in zip(configs, grids, planned, listings)]
+                bar.finish(total - sum(map(len, missing)))
             _collect_metrics(result, metrics)
-        failed = [(config.layer, path) for config in configs for path in markers.failures(config)]
+            failed = [(config.layer, path) for config, listing in zip(configs, listings) for path in listing.failures]
+        else:  # nothing ran (the failure records listed above were an earlier run's, deleted)
+            missing, failed = todo, []
         if failed:
             layer, path = failed[0]
             reason = (storage.read_text(path) or "").strip()
@@ -164,26 +204,48 @@ def run_job(
             raise UnitFailed(
                 f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
             )
-        missing = [(g, m) for g, m in zip(grids, unfinished(configs, grids, planned)) if len(m)]
-        if missing:
-            count = sum(len(m) for _, m in missing)
-            example = missing[0][0].unit(missing[0][1][0]).key
-            raise RuntimeError(f"pass {index + 1} finished but {count} work units are not done, e.g. {example}")
+        if any(len(m) for m in missing):
+            count = sum(len(m) for m in missing)
+            grid, indices = next((g, m) for g, m in zip(grids, missing) if len(m))
+            raise RuntimeError(f"pass {index + 1} finished but {count} work units are not done, "
+                               f"e.g. {grid.unit(indices[0]).key}")
         arrays.finish_mags([level.spec for config in configs for level in config.levels],
                            threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
-        for plan in active:  # NGFF first: once the properties list a mag, a rerun has nothing left to do
-            listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
-                            key=lambda m: (max(m), m))
-            arrays.update_ngff(
-                storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
-                listed,
-            )
-        # Applied to the current properties: another layer's run may have listed its mags.
-        update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
-    for plan in plans:  # every marker of these layers, from this plan or an interrupted other one
+        state = list_mags(dataset, active, index, cleanup=plans if index == pass_count - 1 else [])
+    for plan in plans:
         storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
-        storage.delete_tree(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
+    # every marker of these layers, from this plan or an interrupted other one
+    storage.concurrently([functools.partial(storage.delete_tree, directory, names) for directory, names in state],
+                         dataset.path)
     return metrics
+
+
+def list_mags(dataset: Dataset, active: Sequence[LayerPlan], index: int,
+              cleanup: Sequence[LayerPlan] = ()) -> list[tuple[str, list[str]]]:
+    """After pass `index`: NGFF metadata, then the properties list its mags (the properties are
+    read while the NGFF files are updated, and written once those are: once the properties list
+    a mag, a rerun has nothing left to do). With `cleanup` (the last pass) the state directories
+    of those layers are listed meanwhile too; returns (directory, names) of each."""
+    states = [storage.join_inside(dataset.path, STATE_DIR, plan.layer.name) for plan in cleanup]
+    calls = [functools.partial(read_properties_for_update, dataset.path)]
+    calls += [functools.partial(_update_ngff, dataset, plan, index) for plan in active]
+    calls += [functools.partial(storage.list_tree, directory) for directory in states]
+    done = storage.concurrently(calls, dataset.path)
+    # Applied to the current properties: another layer's run may have listed its mags.
+    update_properties(dataset.path, functools.partial(_with_pass_mags, active, index), read=done[0])
+    return list(zip(states, done[1 + len(active):]))
+
+
+def list_passes(dataset_path: str, configs: Sequence[PassConfig]) -> list[markers.PassListing]:
+    """One listing of each layer's pass state, the layers at once."""
+    return storage.concurrently([functools.partial(markers.PassListing.of, c) for c in configs], dataset_path)
+
+
+def _update_ngff(dataset: Dataset, plan: LayerPlan, index: int) -> None:
+    listed = sorted({*plan.layer.mags, *[m for p in plan.passes[: index + 1] for m in p.target_mags]},
+                    key=lambda m: (max(m), m))
+    arrays.update_ngff(storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size,
+                       dataset.unit, listed)
 
 
 def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:

@@ -87,20 +87,24 @@ def run_pass(
     kills: collections.Counter = collections.Counter()
     watcher = watch.for_runner(runner, options)
     attempt = None
+    ended = False
     try:
         for run in range(1, RUNS_PER_PASS + 1):
-            workerstate.clear(state_dirs)
+            if run > 1:  # (the first run's were deleted with the pass's leftovers: run.job)
+                workerstate.clear(state_dirs)
             watcher.begin()
             attempt = _Attempt(start, units)
             deaths = _watch(attempt, watcher, state_dirs, kills, label, log)
             if not deaths:
                 if attempt.error is not None:
                     raise attempt.error
+                ended = True
                 return attempt.result
             if attempt.error is not None and not _lost_worker_error(attempt.error):
                 raise attempt.error
             units = missing()
             if not units:
+                ended = True
                 return attempt.result
             if run == RUNS_PER_PASS:
                 break
@@ -112,7 +116,8 @@ def run_pass(
         if attempt is not None and not attempt.join(0):  # Ctrl-C or giving up: no worker may outlive us
             watcher.stop_workers()
         watcher.close()
-        workerstate.clear(state_dirs)
+        if not ended:  # (after a pass that ended, they go with the run's state, or when this pass starts again)
+            workerstate.clear(state_dirs)
 
 
 def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log) -> int:

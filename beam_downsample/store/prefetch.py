@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import google_crc32c
 import numpy as np
@@ -96,6 +96,7 @@ class Prefetcher:
         self._store = ts.KvStore.open(spec["kvstore"], context=ts.Context(arrays.context_spec())).result()
         self._shape = np.array(array.shape, dtype=np.int64)
         self._fill = array.fill_value
+        self._index_size = stored.shard_index_bytes(array) or 0
         self._indices: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -115,77 +116,97 @@ class Prefetcher:
         """The object key of a chunk (unsharded) or shard at grid `position`."""
         return self.layout.prefix + self.layout.separator.join(str(int(v)) for v in position)
 
-    def fetch(self, box: Box) -> "Fetched":
-        """The encoded chunks of `box`: shard indices first (those not in memory, one batch),
-        then every stored chunk (one batch); blocks until they are in memory."""
+    def fetch(self, box: Box, region: Optional[Box] = None) -> "Fetched":
+        """The encoded chunks of `box`, in memory; blocks until they are there.
+
+        Unsharded: every chunk at once (one GET each). Sharded: first the shards whose part
+        of `region` (the layer's voxels; default the array's) lies inside `box` whole, index
+        and chunks in one GET each, and the indices of the others (those not in memory); then
+        the others' stored chunks as byte ranges, which tensorstore's batch coalesces into one
+        request per contiguous run of a shard."""
         first, stop = self.cells(box)
         grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(first, stop)], indexing="ij"), axis=-1)
         positions = grid.reshape(-1, 4)
         if self.layout.shard is None:
-            requests = [(self.key(p), None) for p in positions.tolist()]
+            with ts.Batch() as batch:
+                reads = [self._store.read(self.key(p), batch=batch) for p in positions.tolist()]
+            values = (_value(read.result()) for read in reads)
         else:
-            requests = self._shard_ranges(positions)
-        reads = []
-        with ts.Batch() as batch:  # tensorstore coalesces a shard's ranges: one request per contiguous run
-            for request in requests:
-                if request is None:  # not stored (from the shard index)
-                    reads.append(None)
-                    continue
-                key, byte_range = request
-                reads.append(self._store.read(key, batch=batch) if byte_range is None else
-                             self._store.read(key, batch=batch, byte_range=slice(*byte_range)))
-        return self._in_memory(box, first, stop, positions, reads)
+            values = self._shard_values(positions, box, region)
+        return self._in_memory(box, first, stop, positions, values)
 
-    def _shard_ranges(self, positions: np.ndarray) -> list:
-        """(shard key, (start, stop)) of each of `positions` (None where the chunk is not stored)."""
+    def _shard_values(self, positions: np.ndarray, box: Box, region: Optional[Box]) -> Iterator[Optional[bytes]]:
+        """The encoded bytes of each of `positions` (None where not stored), in two rounds of requests."""
         per_shard = np.array(self.layout.shard, dtype=np.int64) // np.array(self.layout.chunk, dtype=np.int64)
         shards = positions // per_shard
         inner = positions % per_shard
-        indices = self._shard_indices([tuple(p) for p in np.unique(shards, axis=0).tolist()])
-        requests: list = []
-        for shard, within in zip(shards.tolist(), inner):
-            index = indices[tuple(shard)]
-            entry = None if index is None else index[tuple(within)]
-            if entry is None or entry[0] == MISSING:
-                requests.append(None)
+        wanted = [tuple(p) for p in np.unique(shards, axis=0).tolist()]
+        indices = self._remembered(wanted)
+        whole = [s for s in wanted if s not in indices and self._inside(s, box, region)]
+        size = self._index_size
+        at_end = self.layout.sharding.get("index_location", "end") == "end"
+        with ts.Batch() as batch:
+            whole_reads = [(s, self._store.read(self.key(s), batch=batch)) for s in whole]
+            index_reads = [(s, self._store.read(self.key(s), batch=batch,
+                                                byte_range=slice(-size, None) if at_end else slice(0, size)))
+                           for s in wanted if s not in indices and s not in whole]
+        contents = {}
+        for shard, read in whole_reads:
+            content = contents[shard] = _value(read.result())
+            indices[shard] = None if content is None else self._parse_index(
+                shard, content[-size:] if at_end else content[:size])
+        for shard, read in index_reads:
+            content = _value(read.result())
+            indices[shard] = None if content is None else self._parse_index(shard, content)
+        self._remember(indices)
+        reads: list = []
+        with ts.Batch() as batch:
+            for shard, within in zip(map(tuple, shards.tolist()), inner):
+                index = indices[shard]
+                entry = None if index is None else index[tuple(within)]
+                if entry is None or entry[0] == MISSING:
+                    reads.append(None)
+                elif shard in contents:
+                    reads.append((shard, int(entry[0]), int(entry[1])))
+                else:
+                    reads.append(self._store.read(self.key(shard), batch=batch,
+                                                  byte_range=slice(int(entry[0]), int(entry[0] + entry[1]))))
+        for read in reads:
+            if read is None or isinstance(read, tuple):
+                yield None if read is None else contents[read[0]][read[1]:read[1] + read[2]]
             else:
-                requests.append((self.key(shard), (int(entry[0]), int(entry[0] + entry[1]))))
-        return requests
+                yield _value(read.result())
 
-    def _shard_indices(self, shards: list[tuple]) -> dict:
-        """Shard position -> its index ((chunks...) x 2 uint64 offset, length), None if the shard is
-        not stored. Those not in memory are read at once (one ranged GET each)."""
+    def _inside(self, shard: tuple, box: Box, region: Optional[Box]) -> bool:
+        """True if the part of `region` (default: the array) in `shard` lies inside `box`."""
+        size = np.array(self.layout.shard[1:], dtype=np.int64)  # type: ignore[index]
+        start = np.array(shard[1:], dtype=np.int64) * size
+        part = Box(tuple(start.tolist()), tuple((start + size).tolist()))  # type: ignore[arg-type]
+        part = part.intersect(region if region is not None else Box((0, 0, 0), tuple(self._shape[1:].tolist())))
+        return part.empty or (all(a >= b for a, b in zip(part.start, box.start))
+                              and all(a <= b for a, b in zip(part.stop, box.stop)))
+
+    def _remembered(self, shards: list[tuple]) -> dict:
+        """The indices of `shards` that are in memory (shard position -> index, or None: not stored)."""
         with self._lock:
             found = {s: self._indices[s] for s in shards if s in self._indices}
             for s in found:
                 self._indices.move_to_end(s)
-        missing = [s for s in shards if s not in found]
-        if missing:
-            size = self._index_bytes()
-            at_end = self.layout.sharding.get("index_location", "end") == "end"
-            with ts.Batch() as batch:
-                reads = [(s, self._store.read(self.key(s), batch=batch,
-                                              byte_range=slice(-size, None) if at_end else slice(0, size)))
-                         for s in missing]
-            for shard, read in reads:
-                result = read.result()
-                found[shard] = None if result.state != "value" else self._parse_index(shard, result.value)
-            with self._lock:
-                for shard in missing:
-                    self._indices[shard] = found[shard]
-                while len(self._indices) * size > INDEX_CACHE_BYTES:
-                    self._indices.popitem(last=False)
         return found
 
-    def _index_bytes(self) -> int:
-        grid = np.array(self.layout.shard) // np.array(self.layout.chunk)
-        return int(np.prod(grid)) * 16 + (4 if _index_checksummed(self.layout.sharding) else 0)
+    def _remember(self, indices: dict) -> None:
+        with self._lock:
+            for shard, index in indices.items():
+                self._indices[shard] = index
+                self._indices.move_to_end(shard)
+            while len(self._indices) * max(self._index_size, 1) > INDEX_CACHE_BYTES:
+                self._indices.popitem(last=False)
 
     def _parse_index(self, shard: tuple, data: bytes) -> np.ndarray:
         """The shard index (zarr v3 sharding: per chunk, C order, offset and length as uint64)."""
         codecs = self.layout.sharding.get("index_codecs", [])
-        if len(data) != self._index_bytes():
-            raise ValueError(f"{self.key(shard)}: shard index of {len(data)} bytes, expected {self._index_bytes()}")
+        if len(data) != self._index_size:
+            raise ValueError(f"{self.key(shard)}: shard index of {len(data)} bytes, expected {self._index_size}")
         if _index_checksummed(self.layout.sharding):
             data, checksum = data[:-4], int.from_bytes(data[-4:], "little")
             if google_crc32c.value(data) != checksum:
@@ -195,31 +216,30 @@ class Prefetcher:
         return np.frombuffer(data, dtype="<u8" if endian == "little" else ">u8").reshape(*grid, 2)
 
     def _in_memory(self, box: Box, first: np.ndarray, stop: np.ndarray, positions: np.ndarray,
-                   reads: list) -> "Fetched":
-        """Copies what was read into a fresh memory kvstore and opens the array that decodes it."""
+                   values: Iterator[Optional[bytes]]) -> "Fetched":
+        """Copies the chunks read into a fresh memory kvstore and opens the array that decodes them."""
         context = ts.Context(arrays.context_spec())
         memory = ts.KvStore.open({"driver": "memory"}, context=context).result()
         stored_mask = np.zeros(np.maximum(stop - first, 0), dtype=bool)
         sharded = self.layout.shard is not None
         writes, nbytes = [], 0
-        reads.reverse()
-        for position in positions.tolist():  # each value is dropped once copied
-            read = reads.pop()
-            if read is None:
-                continue
-            found = read.result()
-            if found.state != "value":
+        for position, value in zip(positions.tolist(), values):  # each value is dropped once copied
+            if value is None:
                 continue
             stored_mask[tuple(np.subtract(position, first))] = True
-            nbytes += len(found.value)
+            nbytes += len(value)
             key = "c/" + "/".join(map(str, position)) if sharded else self.key(position)
-            writes.append(memory.write(key, found.value))
-            del found, read
+            writes.append(memory.write(key, value))
+            del value
         for write in writes:
             write.result()
         array = ts.open(dict(self.layout.virtual, kvstore={"driver": "memory"}), context=context, create=True,
                         open=True).result()
         return Fetched(box, array, first, stored_mask, self.layout.chunk, nbytes, self._fill)
+
+
+def _value(result) -> Optional[bytes]:
+    return result.value if result.state == "value" else None
 
 
 MISSING = np.uint64(2**64 - 1)  # a shard index entry of a chunk that is not stored

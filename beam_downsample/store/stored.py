@@ -62,21 +62,42 @@ def stored_boxes(spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """
     if spec["driver"] == "wkw":
         return _wkw_boxes(spec["path"])
-    array = arrays.open_array(spec, open=True)
+    return listed(spec)[1:]
+
+
+def listed(spec: dict) -> tuple[object, np.ndarray, np.ndarray]:
+    """(the opened array, starts, stops) of `stored_boxes` for a zarr spec: the metadata read and
+    the listing go out at once (on a bucket one round trip for both)."""
+    opening = arrays.start_open(spec, open=True)
+    listing = ts.KvStore.open(spec["kvstore"]).result().list()
+    array = opening.result()
     fill = np.asarray(array.fill_value) if array.fill_value is not None else np.zeros(())
     if np.any(fill != 0):
         raise Dense(f"its fill value is {fill.tolist()}, not 0")
     if array.rank != 4:
         raise Dense(f"its array has rank {array.rank}, not (c, x, y, z)")
     shape, prefix, separator = chunk_layout(array)
-    keys = [key.decode("utf-8", "replace") for key in ts.KvStore.open(spec["kvstore"]).result().list().result()]
+    keys = [key.decode("utf-8", "replace") for key in listing.result()]
     grid = _parse(keys, _key_pattern(prefix, separator, 4), 4)
     size = np.array(shape[1:], dtype=np.int64)
     starts = grid[:, 1:] * size
-    return starts, starts + size
+    return array, starts, starts + size
 
 
-def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def shard_index_bytes(array) -> Optional[int]:
+    """Bytes of one shard index of a sharded zarr3 array (16 per chunk, plus a crc32c); None if unsharded."""
+    metadata = array.spec().to_json()["metadata"]
+    codecs = metadata.get("codecs") or []
+    if not codecs or codecs[0].get("name") != "sharding_indexed":
+        return None
+    configuration = codecs[0].get("configuration", {})
+    shard = np.array(metadata["chunk_grid"]["configuration"]["chunk_shape"], dtype=np.int64)
+    chunk = np.array(configuration["chunk_shape"], dtype=np.int64)
+    checksum = any(codec.get("name") == "crc32c" for codec in configuration.get("index_codecs", []))
+    return int(np.prod(shard // chunk)) * 16 + (4 if checksum else 0)
+
+
+def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray, array=None) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(starts, stops) of the stored *chunks* of a sharded zarr3 array, from the shard
     indices of the stored shards whose boxes start at `keys_starts` (N, 3): one
     ranged read per shard (tensorstore's `zarr3_sharding_indexed` kvstore lists the
@@ -84,9 +105,10 @@ def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray) -> Optional[tuple[np
     (the caller falls back to storage statistics).
 
     On GCS, storage statistics cost thousands of object-metadata requests per shard
-    (benchmarks/gcs_requests.py); this costs one GET per stored shard.
+    (benchmarks/gcs_requests.py); this costs one GET per stored shard. `array`: the opened
+    array of `spec`, if the caller has it.
     """
-    array = arrays.open_array(spec, open=True)
+    array = array if array is not None else arrays.open_array(spec, open=True)
     metadata = array.spec().to_json()["metadata"]
     codecs = metadata.get("codecs") or []
     if metadata.get("zarr_format", 2) != 3 and "chunk_grid" not in metadata:

@@ -11,9 +11,12 @@ from apache_beam.metrics import Metrics
 from beam_downsample.core.config import PassConfig
 from beam_downsample.core.grid import UnitGrid, WorkUnit
 from beam_downsample.state import markers, progress, workerstate
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, stored, usage
 from beam_downsample.transforms import seeds as seeds_module
 from beam_downsample.transforms import work
+
+
+REQUESTS = "requests_"  # Beam counters of storage requests by kind (store.usage), summed by run.accounting
 
 
 class DownsampleUnitFn(beam.DoFn):
@@ -52,6 +55,7 @@ class DownsampleUnitFn(beam.DoFn):
         self._empty = Metrics.counter("beam_downsample", "work_units_empty")
         first = next(iter(self._configs.values()))
         self._tally = progress.Tally(first.marker_dir)
+        self._requests = {kind: Metrics.counter("beam_downsample", f"{REQUESTS}{kind}") for kind in usage.KINDS}
 
     def start_bundle(self):
         # small writes (worker state, done-markers) run beside the units instead of before or after them
@@ -66,6 +70,9 @@ class DownsampleUnitFn(beam.DoFn):
             self._marking = []
             self._bookkeeping.shutdown(wait=True)
         self._tally.flush()
+        for kind, count in usage.take().items():  # what this process sent since its last report
+            if count:
+                self._requests[kind].inc(count)
 
     def teardown(self):
         if hasattr(self, "_tally"):

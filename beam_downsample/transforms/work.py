@@ -237,11 +237,11 @@ def source_parts(config: PassConfig, unit: WorkUnit, source, probe=None, prefetc
         return
     assert fetching is not None
     boxes = prefetch_boxes(config, unit.box, arrays.array_dtype(source))
-    pending = fetching.submit(prefetcher.fetch, boxes[0])
+    pending = fetching.submit(prefetcher.fetch, boxes[0], config.source_region)
     for index, box in enumerate(boxes):
         fetched = pending.result()
         if index + 1 < len(boxes):
-            pending = fetching.submit(prefetcher.fetch, boxes[index + 1])
+            pending = fetching.submit(prefetcher.fetch, boxes[index + 1], config.source_region)
         tiles = split_box(box, config.tile_alignment, config.tile_voxels)
         yield fetched.array, classify_tiles(fetched, tiles, config.tile_alignment)
         del fetched
