@@ -2,7 +2,7 @@
 a local run of the same data, for one or more source trees, in alternating rounds.
 
     python benchmarks/cloud.py [--datasets /work/bench/bench-512,/work/bench/bench-full]
-                               [--delays 0,40] [--rounds 3] [--warmup]
+                               [--formats zarr3,zarr,zarr3-unsharded] [--delays 0,40] [--rounds 3] [--warmup]
                                [--variant before=/tmp/cloud-before --variant after=.]
                                [--args "--distribution-strategy sequential"] [--json out.json]
 
@@ -16,8 +16,8 @@ machine's load hits all alike. After each gs:// run every object under its prefi
 (sha256) with the files of the variant's local run: `identical` must say yes.
 
 Printed: per dataset, variant and place the requests by kind (lists; reads of array data, of
-anything else; writes; deletes; the total; all from the proxy) and the wall time (min and
-median over the rounds), then the median over rounds of the paired ratio wall(40 ms) / wall(0 ms)
+anything else; writes; deletes; the total; all from the proxy), the wall time (min and
+median over the rounds) and the peak RSS of the run's process tree, then the median over rounds of the paired ratio wall(40 ms) / wall(0 ms)
 and the `done:` line of the last gs:// run (what the tool reports about itself).
 """
 
@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 
+import ab
 import gcs_requests
 
 BUCKET = "cloud-bench"
@@ -96,20 +97,75 @@ def local_hashes(root: str) -> dict[str, str]:
     return found
 
 
-def run_tool(src: str, target: str, args: list, env: dict) -> tuple[float, str]:
-    """(wall s, stdout) of one run of the tool from source tree `src`; raises on failure."""
+def converted(path: str, data_format: str, root: str) -> str:
+    """`path` (zarr3 in the reference layout) as another format in `root`: zarr v2 (32^3 chunks,
+    one object each) or zarr3 without shards; the same voxels, properties and group metadata."""
+    if data_format == "zarr3":
+        return path
+    import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+    from beam_downsample import demo  # pylint: disable=import-outside-toplevel
+    from beam_downsample.store.properties import load_dataset  # pylint: disable=import-outside-toplevel
+
+    target = os.path.join(root, f"{os.path.basename(path.rstrip('/'))}-{data_format}")
+    if os.path.exists(target):
+        return target
+    dataset = load_dataset(path)
+    layers = []
+    for layer in dataset.layers:
+        source = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": layer.mag_path(path, (1, 1, 1))}},
+                         open=True).result()
+        box = layer.bbox
+        data = source[:, box.start[0]:box.stop[0], box.start[1]:box.stop[1], box.start[2]:box.stop[2]].read().result()
+        layers.append({"name": layer.name, "category": layer.category, "data": data, "top_left": box.start,
+                       "element_class": dataset.raw["dataLayers"][len(layers)]["elementClass"],
+                       "largest_segment_id": dataset.raw["dataLayers"][len(layers)].get("largestSegmentId")})
+    demo.write_dataset(target, layers, dataset.voxel_size, data_format="zarr" if data_format == "zarr" else "zarr3")
+    del layers
+    if data_format == "zarr3-unsharded":
+        for layer in dataset.layers:
+            mag = os.path.join(target, layer.name, "1")
+            sharded = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": mag}}, open=True).result()
+            metadata = sharded.spec().to_json()["metadata"]
+            inner = metadata["codecs"][0]["configuration"]
+            data = sharded.read().result()
+            shutil.rmtree(mag)
+            ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": mag}, "create": True, "metadata": dict(
+                metadata, codecs=inner["codecs"],
+                chunk_grid={"name": "regular", "configuration": {"chunk_shape": inner["chunk_shape"]}})}
+                    ).result().write(data).result()
+    return target
+
+
+def run_tool(src: str, target: str, args: list, env: dict) -> tuple[float, str, int]:
+    """(wall s, stdout, peak RSS of the process tree in bytes) of one run of the tool from source
+    tree `src`; raises on failure."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from beam_downsample.launch.cli import run; run()", target, *args],
-                            env=dict(env, PYTHONPATH=src), capture_output=True, text=True, timeout=3600, check=False)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"{target}: exit {result.returncode}: {result.stderr[-2000:]}")
-    return wall, result.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(  # pylint: disable=consider-using-with
+            [sys.executable, "-c", "from beam_downsample.launch.cli import run; run()", target, *args],
+            env=dict(env, PYTHONPATH=src), stdout=out, stderr=err, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, ab.tree_rss(proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode < 0 and "\ndone" in "\n" + stdout:
+        # numba's LLVM can abort at interpreter exit after the run is done (design notes, 2026-12-04)
+        print(f"{target}: finished, then exit {proc.returncode} at interpreter exit", file=sys.stderr)
+    elif proc.returncode != 0:
+        raise RuntimeError(f"{target}: exit {proc.returncode}: {stderr[-2000:]}")
+    return wall, stdout, peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="/work/bench/bench-512,/work/bench/bench-full")
+    parser.add_argument("--formats", default="zarr3",
+                        help="zarr3 (the datasets as they are), zarr (v2) and zarr3-unsharded (converted copies)")
     parser.add_argument("--delays", default="0,40", help="ms per request, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], help="NAME=SRC (default: this tree)")
@@ -120,7 +176,6 @@ def main() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     variants = [(v.split("=", 1)[0], os.path.abspath(v.split("=", 1)[1])) for v in options.variant] or [("this", here)]
     delays = [float(d) for d in options.delays.split(",")]
-    datasets = [d for d in options.datasets.split(",") if d]
     extra = options.args.split()
 
     root = tempfile.mkdtemp(prefix="cloud-bench-")
@@ -138,7 +193,9 @@ def main() -> None:
     env["STORAGE_EMULATOR_HOST"] = proxy_url
     client = direct_client(upstream["url"])
     client.create_bucket(BUCKET)
-    rows: dict = collections.defaultdict(lambda: {"walls": [], "counts": None, "identical": [], "done": ""})
+    datasets = [converted(d, f, root) for d in options.datasets.split(",") if d for f in options.formats.split(",")]
+    rows: dict = collections.defaultdict(lambda: {"walls": [], "peaks": [], "counts": None, "identical": [],
+                                                  "done": ""})
     ratios: dict = collections.defaultdict(list)
     try:
         for number, path in enumerate(datasets):
@@ -156,10 +213,11 @@ def main() -> None:
                 for name, src in variants:
                     copy = os.path.join(root, "local")
                     shutil.copytree(path, copy)
-                    wall, _ = run_tool(src, copy, extra, env)
+                    wall, _, peak = run_tool(src, copy, extra, env)
                     expected = local_hashes(copy)
                     shutil.rmtree(copy)
                     rows[(name_of, name, "local")]["walls"].append(wall)
+                    rows[(name_of, name, "local")]["peaks"].append(peak)
                     walls = {}
                     for ms in order:
                         prefix = f"run{round_index}-{number}-{name}-{int(ms)}"
@@ -167,7 +225,7 @@ def main() -> None:
                         current["prefix"] = prefix
                         counter.counts.clear()
                         delay["seconds"] = ms / 1000
-                        wall, out = run_tool(src, f"gs://{BUCKET}/{prefix}", extra, env)
+                        wall, out, peak = run_tool(src, f"gs://{BUCKET}/{prefix}", extra, env)
                         delay["seconds"] = 0.0
                         counts = collections.Counter()
                         for (_, method_kind, role), value in counter.counts.items():
@@ -176,6 +234,7 @@ def main() -> None:
                         delete_prefix(client, prefix)
                         row = rows[(name_of, name, f"gs:// {ms:g} ms")]
                         row["walls"].append(wall)
+                        row["peaks"].append(peak)
                         row["counts"] = dict(counts)
                         row["identical"].append(identical)
                         row["done"] = next((line for line in out.splitlines() if line.startswith("done")), "")
@@ -199,15 +258,16 @@ def main() -> None:
 
 def report(rows: dict, ratios: dict, delays) -> None:
     print(f"load average {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f}")
-    print("| dataset | variant | where | " + " | ".join(KINDS) + " | total | wall s min / median | identical to local |")
-    print("|---|---|---|" + "---|" * (len(KINDS) + 3))
+    print("| dataset | variant | where | " + " | ".join(KINDS)
+          + " | total | wall s min / median | peak RSS GB | identical to local |")
+    print("|---|---|---|" + "---|" * (len(KINDS) + 4))
     for (dataset, variant, where), row in rows.items():
         counts = row["counts"]
         cells = [str(counts.get(k, 0)) for k in KINDS] + [str(sum(counts.values()))] if counts else ["–"] * (len(KINDS) + 1)
         identical = "–" if where == "local" else ("yes" if all(row["identical"]) else "NO")
         walls = row["walls"]
         print(f"| {dataset} | {variant} | {where} | " + " | ".join(cells)
-              + f" | {min(walls):.2f} / {statistics.median(walls):.2f} | {identical} |")
+              + f" | {min(walls):.2f} / {statistics.median(walls):.2f} | {max(row['peaks']) / 1e9:.2f} | {identical} |")
     if ratios:
         print(f"\n| dataset | variant | wall {max(delays):g} ms / {min(delays):g} ms (median of paired rounds) | rounds |")
         print("|---|---|---|---|")

@@ -101,10 +101,11 @@ def role(name: str, prefix: str) -> str:
             return "worker state"
         return "state"
     parts = name.split("/")
+    metadata = " metadata" if parts[-1] in ("zarr.json", ".zarray", ".zattrs", ".zgroup") else ""
     if len(parts) >= 2 and parts[1] == "1":
-        return "source mag" + (" metadata" if parts[-1] == "zarr.json" else "")
+        return "source mag" + metadata
     if len(parts) >= 2 and re.fullmatch(r"\d+(-\d+){2}", parts[1]):
-        return "new mags" + (" metadata" if parts[-1] == "zarr.json" else "")
+        return "new mags" + metadata
     if name.endswith("datasource-properties.json"):
         return "properties"
     if name.endswith("zarr.json") or name.endswith(".zattrs") or name.endswith(".zgroup"):

@@ -68,6 +68,9 @@ class UnitBudget:
     # A tile in flight holds its data plus the kernels' temporaries.
     TILE_OVERHEAD = 3
     BUFFER_COPIES = 2
+    # A remote unit is fetched in at most this many boxes: a larger unit would leave boxes so small
+    # that it saved fewer requests (markers, target shards) than its boxes cost (source ranges).
+    MAX_FETCHED_BOXES = 4
 
     def unit_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int,
                    prefetch_bytes: Optional[int] = None) -> float:
@@ -84,6 +87,13 @@ class UnitBudget:
             box = tile * bytes_per_voxel if prefetch_bytes is None else prefetch_bytes
             peak += min(2 * box, voxels * bytes_per_voxel)
         return peak
+
+    def fits(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> bool:
+        """A unit of `shape` is in budget (and, remote, fetched in at most MAX_FETCHED_BOXES boxes)."""
+        if self.unit_bytes(a_pass, shape, bytes_per_voxel) > self.bytes:
+            return False
+        raw = math.prod(shape) * bytes_per_voxel
+        return not self.remote or self.prefetch_bytes(a_pass, shape, bytes_per_voxel) * self.MAX_FETCHED_BOXES >= raw
 
     def tile(self, a_pass: Pass, shape: Sequence[int]) -> int:
         """Voxels of the largest tile of a unit of `shape`."""

@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with engine.started() as (runner, pipeline_options), _ProgressBar(_pass_voxels(plans)) as bar:
                 metrics = job.run_job(
                     dataset, plans, runner, pipeline_options, report=bar.update, log=bar.write,
-                    record_failures=engine.record_failures,
+                    record_failures=engine.record_failures, report_seconds=bar.seconds,
                 )
     except locks.LockError as error:
         return _fail(str(error))
@@ -290,6 +290,11 @@ class _ProgressBar:
         stream = self._stream or sys.stderr
         self._log = not (hasattr(stream, "isatty") and stream.isatty())
         return self
+
+    @property
+    def seconds(self) -> float:
+        """How often this display shows progress (0: whenever asked): the bucket is read no more often."""
+        return self._interval if self._log else 0.0
 
     def update(self, done: int, total: int, label: str) -> None:
         if self._log:

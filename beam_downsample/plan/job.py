@@ -45,6 +45,9 @@ class LayerPlan:
     dense_reason: Optional[str] = None  # why pass 1 plans every unit
     refresh_box: Optional[Box] = None  # `--bbox` within the layer; its passes with `config.refresh` refresh it
     exact: tuple[bool, ...] = ()  # per pass: planned units are exactly those holding data (else an upper bound)
+    # per pass: a listing of its state the launcher made while holding the layer's lock (`run.job.create_targets`),
+    # still current when the pass starts (nothing else writes there), so the pass need not list it again
+    listed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:

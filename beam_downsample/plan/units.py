@@ -88,7 +88,9 @@ def unit_shape(
     writes each level with one call into one shard. Of two axes equally long,
     x grows first; for a remote source z, then y: a shard stores its chunks
     x-slowest (c, x, y, z), so a unit that spans a shard's z and y is one
-    contiguous run of it, fetched in one request (store.prefetch).
+    contiguous run of it, fetched in one request (store.prefetch); and a
+    remote unit grows only while it is fetched in at most
+    `UnitBudget.MAX_FETCHED_BOXES` boxes.
     """
     order = (lambda a: (shape[a], -a)) if budget.remote else (lambda a: shape[a])
     factor = factor_between(a_pass.source_mag, a_pass.coarsest)
@@ -106,7 +108,7 @@ def unit_shape(
             if (
                 shape[axis] < needed[axis]
                 and candidate[axis] <= limit[axis]
-                and budget.unit_bytes(a_pass, candidate, bytes_per_voxel) <= budget.bytes
+                and budget.fits(a_pass, candidate, bytes_per_voxel)
             ):
                 shape = candidate
                 grown = True

@@ -45,9 +45,13 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     configs = [(plan, index) for plan in plans for index in range(len(plan.passes))]
     layer_dirs = [storage.join_inside(dataset.path, plan.layer.name) for plan in plans]
     # Only units that finished make an array worth keeping; a mag directory that is not there needs no emptying.
-    listed = storage.concurrently([functools.partial(_has_markers, plan.configs[index]) for plan, index in configs]
+    listed = storage.concurrently([functools.partial(markers.PassListing.of, plan.configs[index])
+                                   for plan, index in configs]
                                   + [functools.partial(storage.list_dirs, d) for d in layer_dirs], dataset.path)
-    resuming, present = listed[:len(configs)], dict(zip(layer_dirs, map(set, listed[len(configs):])))
+    listings, present = listed[:len(configs)], dict(zip(layer_dirs, map(set, listed[len(configs):])))
+    resuming = [bool(listing.done) for listing in listings]
+    for (plan, index), listing in zip(configs, listings):  # what the pass finds when it starts
+        plan.listed[index] = listing
     creations = []
     for (plan, index), resumes in zip(configs, resuming):
         storage.makedirs(plan.configs[index].marker_dir)
@@ -64,13 +68,10 @@ def create_targets(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
             config = plan.configs[index]
             storage.delete_tree(config.marker_dir)
             storage.makedirs(config.marker_dir)
+            plan.listed.pop(index, None)
             again += [functools.partial(_create_mag, dataset, plan, index, mag, False)
                       for mag, was_kept in zip(plan.passes[index].target_mags, kept) if was_kept]
     storage.concurrently(again, dataset.path)
-
-
-def _has_markers(config: PassConfig) -> bool:
-    return any(name.endswith(markers.DONE) for name in storage.list_names(config.marker_dir))
 
 
 def _create_mag(dataset: Dataset, plan: LayerPlan, index: int, mag: Mag, resuming: bool, exists: bool = True) -> bool:
@@ -161,7 +162,7 @@ def run_job(
     state = [(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name), None) for plan in plans]
     for index, active, configs in each_pass(plans):
         grids = [p.grids[index] for p in active]
-        listings = list_passes(dataset.path, configs)
+        listings = list_passes(dataset.path, configs, [p.listed.pop(index, None) for p in active])
         # an earlier run's failure records (those units run again), tallies (in `done` below) and worker states
         storage.delete_all([path for listing in listings for path in listing.leftovers])
         planned = pass_units(plans, index)
@@ -236,9 +237,14 @@ def list_mags(dataset: Dataset, active: Sequence[LayerPlan], index: int,
     return list(zip(states, done[1 + len(active):]))
 
 
-def list_passes(dataset_path: str, configs: Sequence[PassConfig]) -> list[markers.PassListing]:
-    """One listing of each layer's pass state, the layers at once."""
-    return storage.concurrently([functools.partial(markers.PassListing.of, c) for c in configs], dataset_path)
+def list_passes(dataset_path: str, configs: Sequence[PassConfig],
+                known: Sequence = ()) -> list[markers.PassListing]:
+    """One listing of each layer's pass state, the layers at once; `known[i]`, if given, is
+    a listing of config i that is still current (no request)."""
+    known = list(known) + [None] * (len(configs) - len(known))
+    return storage.concurrently([(lambda listing=listing: listing) if listing is not None
+                                 else functools.partial(markers.PassListing.of, c)
+                                 for c, listing in zip(configs, known)], dataset_path)
 
 
 def _update_ngff(dataset: Dataset, plan: LayerPlan, index: int) -> None:
