@@ -13,18 +13,19 @@ The model (docs/cloud-requests.md has it as formulas per format):
   upload each);
 - per unit one done-marker and one worker-state upload, and the marker's
   deletion at the end;
-- per pass and layer the launcher lists the pass's state twice (start,
-  end), updates the NGFF metadata (a GET and an upload) and, once per
+- per pass and layer the launcher lists the pass's state when it creates
+  the mags and at the pass's end, updates the NGFF metadata (a GET and an upload) and, once per
   pass, the properties; passes after the first list their source and read
   up to `units.PLAN_INDEX_BYTES` of its shard indices;
 - the first pass also pays for planning and creating the mags (the
   properties, each source's metadata, listing and shard indices, a lock per
   layer, a listing per layer and a GET and an upload per new mag).
 
-Each worker process reads the arrays' metadata once per pass (1 + levels
-GETs) and writes a progress tally now and then, which the launcher reads:
-counted here for one worker, as the number of workers is the runner's
-choice (and tallies not at all). Units planned as an upper bound
+Workers open the arrays with the metadata the launcher knows (a `--bbox`
+refresh's existing mags: 1 + levels GETs per worker and pass, counted here
+for one worker) and write a progress tally now and then, which the launcher
+reads (not counted: the number of workers is the runner's choice). Units
+planned as an upper bound
 (`LayerPlan.exact`) make the estimate one too.
 """
 
@@ -128,10 +129,11 @@ def _layer_pass(plan: LayerPlan, index: int, source_layout) -> dict[str, int]:
         counts["writes"] += touched
         if target_sharded:
             counts["reads"] += touched
-    counts["writes"] += 2 * len(planned)  # done-marker, worker state
-    counts["deletes"] += len(planned) + 1  # the markers and a worker's state, at the end
-    counts["reads"] += 1 + len(config.levels)  # a worker opens the source and the targets
-    counts["lists"] += 2 * max(1, math.ceil(len(planned) / 1000))  # the pass's state, at its start and end
+    counts["writes"] += 2 * len(planned) + 1  # done-marker and worker state per unit, a worker's tally
+    counts["deletes"] += len(planned) + 2  # the markers, a worker's state and tally, at the end
+    if config.refresh:  # a worker opens the existing mags (other arrays it opens with the launcher's metadata)
+        counts["reads"] += 1 + len(config.levels)
+    counts["lists"] += max(1, math.ceil(len(planned) / 1000))  # the pass's state at its end (its start: created)
     counts["reads"] += 1  # NGFF metadata
     counts["writes"] += 1
     if index > 0:  # the source just written: listed, and its shard indices read where few
@@ -156,7 +158,7 @@ def _first_pass(plans: Sequence[LayerPlan], counts: dict, layouts: dict) -> None
             counts["reads"] += min(int(_touched(starts, stops, key).sum()), PLAN_INDEX_BYTES // REFERENCE_INDEX_BYTES)
         counts["writes"] += 1  # the lock
         counts["deletes"] += 1
-        counts["lists"] += 2 + len(plan.passes)  # interrupted refreshes, the layer's mags, each pass's markers
+        counts["lists"] += 2 + len(plan.passes)  # the layer's state and mags, each pass's state
         mags = sum(len(p.target_mags) for p in plan.passes)
         counts["reads"] += mags  # creating a mag: is there metadata, then write it
         counts["writes"] += mags

@@ -57,10 +57,12 @@ def _sparse_note(plan: LayerPlan, index: int) -> str:
 
 def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
     """Warnings for refreshes of these layers that were interrupted and not rerun: their
-    mags are partly refreshed until the same `--bbox` runs again (one listing per layer)."""
+    mags are partly refreshed until the same `--bbox` runs again (from the listing of each
+    layer's state that planning made, else one listing per layer)."""
     warnings = []
-    listed = storage.concurrently([functools.partial(storage.list_names, storage.join_inside(
-        dataset.path, STATE_DIR, plan.layer.name)) for plan in plans], dataset.path)
+    listed = storage.concurrently([(lambda names=plan.state_names: list(names)) if plan.state_names is not None
+                                   else functools.partial(storage.list_names, storage.join_inside(
+                                       dataset.path, STATE_DIR, plan.layer.name)) for plan in plans], dataset.path)
     for plan, names in zip(plans, listed):
         for box in refresh.interrupted(names):
             if box != plan.refresh_box:

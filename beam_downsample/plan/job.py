@@ -48,6 +48,8 @@ class LayerPlan:
     # per pass: a listing of its state the launcher made while holding the layer's lock (`run.job.create_targets`),
     # still current when the pass starts (nothing else writes there), so the pass need not list it again
     listed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    source_metadata: Optional[dict] = None  # pass 1's source array metadata as planning read it (zarr only)
+    state_names: Optional[tuple] = None  # the names in the layer's state directory when it was planned
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
@@ -62,8 +64,14 @@ def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
         align_with = pyramid.aligned_with(dataset, chosen, options)
         budget = passes.unit_budget(options)
         # the layers at once: on a bucket each one's listings and reads wait on latency, not on the others
-        plans = storage.concurrently([functools.partial(plan_layer, dataset, layer, options, align_with, budget)
-                                      for layer in chosen], dataset.path)
+        # (and meanwhile each layer's state directory, for the warnings of `describe.interrupted_refreshes`)
+        done = storage.concurrently([functools.partial(plan_layer, dataset, layer, options, align_with, budget)
+                                     for layer in chosen]
+                                    + [functools.partial(storage.list_names, storage.join_inside(
+                                        dataset.path, arrays.STATE_DIR, layer.name)) for layer in chosen],
+                                    dataset.path)
+    plans = [dataclasses.replace(plan, state_names=tuple(names))
+             for plan, names in zip(done[:len(chosen)], done[len(chosen):])]
     layers.check_write_paths(dataset, plans)
     return plans
 
@@ -74,7 +82,11 @@ def plan_layer(dataset: Dataset, layer: Layer, options: JobOptions, align_with, 
     targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
     chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
     grids, planned, configs, dense_reason, exact = units.layer_units(layer, chain, budget)
-    plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box, exact)
+    metadata = None
+    if configs and configs[0].source_spec["driver"] != "wkw":  # read during planning already: no request
+        metadata = arrays.open_array(configs[0].source_spec, open=True).spec().to_json()["metadata"]
+    plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.box, exact,
+                     source_metadata=metadata)
     check_worker_memory(plan, options)
     return plan
 

@@ -325,8 +325,10 @@ def metadata_read_once():
 
 def open_arrays(specs: Sequence[dict], context: ts.Context | None = None, **kwargs: Any) -> list:
     """`open_array` of each spec, the tensorstore ones at once: on a bucket each open reads
-    the array's metadata, one round trip for all instead of one each."""
-    pending = [None if spec["driver"] == "wkw" else start_open(spec, context, **kwargs) for spec in specs]
+    the array's metadata, one round trip for all instead of one each. A spec that carries its
+    array's `metadata` (the launcher knew it) is opened without reading it."""
+    pending = [None if spec["driver"] == "wkw" else start_open(spec, context, **kwargs) if "metadata" not in spec
+               else ts.open(spec, context=context, assume_metadata=True, **kwargs) for spec in specs]
     return [open_array(spec) if future is None else future.result() for spec, future in zip(specs, pending)]
 
 
