@@ -82,19 +82,32 @@ def describe(plans: Sequence[LayerPlan]) -> str:
     return "\n".join(lines)
 
 
-def _source_layout(plan: LayerPlan) -> tuple[tuple[int, int, int], bool]:
-    """(spatial shape of one stored key, sharded) of pass 1's source (one metadata read)."""
+def _source_layout(plan: LayerPlan) -> tuple[tuple[int, int, int], bool, tuple[int, int, int]]:
+    """(spatial shape of one stored key, sharded, of one chunk) of pass 1's source (one metadata read)."""
     spec = plan.configs[0].source_spec
     if spec["driver"] == "wkw":
-        return (1024, 1024, 1024), False
+        return (1024, 1024, 1024), False, (32, 32, 32)
     array = arrays.open_array(spec, open=True)
     shape, _, _ = stored.chunk_layout(array)
-    return tuple(shape[1:]), stored.shard_index_bytes(array) is not None  # type: ignore[return-value]
+    found = prefetch.layout(array)
+    chunk = tuple(found.chunk[1:]) if found is not None else tuple(shape[1:])
+    return tuple(shape[1:]), stored.shard_index_bytes(array) is not None, chunk  # type: ignore[return-value]
 
 
-def _target_layout(plan: LayerPlan) -> tuple[tuple[int, int, int], bool]:
-    """New mags use the reference layout: zarr3 shards, zarr v2 chunks."""
-    return arrays.shard_shape(plan.layer), plan.layer.data_format == "zarr3"
+def _target_layout(plan: LayerPlan) -> tuple[tuple[int, int, int], bool, tuple[int, int, int]]:
+    """New mags use the reference layout: zarr3 shards of 32^3 chunks, zarr v2 chunks."""
+    return arrays.shard_shape(plan.layer), plan.layer.data_format == "zarr3", (CHUNK,) * 3
+
+
+def _runs(grid, key, chunk, boxes: int) -> int:
+    """Contiguous runs of one shard in one fetched box (slabs across x) of a unit of the grid's
+    shape: one if the unit spans the shard's stored z and y (the storage order is x, y, z with
+    z fastest), one per chunk column across x if it spans z, else one per x-y chunk column."""
+    span = [min(k, r) for k, r in zip(key, grid.region.shape)]
+    z_full, y_full = grid.shape[2] >= span[2], grid.shape[1] >= span[1]
+    cells_x = max(1, -(-min(-(-grid.shape[0] // boxes), key[0]) // chunk[0]))
+    cells_y = max(1, -(-min(grid.shape[1], key[1]) // chunk[1]))
+    return 1 if z_full and y_full else cells_x if z_full else cells_x * cells_y
 
 
 def _touched(starts: np.ndarray, stops: np.ndarray, size) -> np.ndarray:
@@ -110,17 +123,18 @@ def _layer_pass(plan: LayerPlan, index: int, source_layout) -> dict[str, int]:
     starts, stops = grid.boxes(planned)
     bytes_per_voxel = plan.layer.dtype.itemsize * plan.layer.num_channels
     if config.prefetch_bytes > 0:
-        key, sharded = source_layout if index == 0 else _target_layout(plan)
+        key, sharded, chunk = source_layout if index == 0 else _target_layout(plan)
         unit_bytes = np.prod(stops - starts, axis=1) * bytes_per_voxel
         boxes = -(-unit_bytes // config.prefetch_bytes)
         touched = _touched(starts, stops, key)
-        if sharded:  # per box and shard one GET, plus the shard's index (once per worker: at most once a unit);
-            # a unit in one box that holds whole shards (or all of the layer) reads each in one GET
+        if sharded:  # per box and shard its contiguous runs, plus the shard's index (once per worker: at most
+            # once a unit); a unit in one box that holds whole shards (or all of the layer) reads each in one GET
             whole = grid.count == 1 or all(s >= k for s, k in zip(grid.shape, key))
-            counts["reads"] += int((touched * np.where((boxes == 1) & whole, 1, boxes + 1)).sum())
+            runs = _runs(grid, key, chunk, int(boxes.max()) if len(boxes) else 1)
+            counts["reads"] += int((touched * np.where((boxes == 1) & whole, 1, boxes * runs + 1)).sum())
         else:
             counts["reads"] += int(touched.sum())
-    target_key, target_sharded = _target_layout(plan)
+    target_key, target_sharded, _ = _target_layout(plan)
     a_pass = plan.passes[index]
     for level in config.levels:
         factor = np.array(factor_between(a_pass.source_mag, level.mag), dtype=np.int64)
@@ -151,7 +165,7 @@ def _first_pass(plans: Sequence[LayerPlan], counts: dict, layouts: dict) -> None
         counts["reads"] += 1  # the source's metadata
         counts["lists"] += 1  # its listing
         grid = plan.grids[0]
-        key, sharded = layouts[id(plan)]
+        key, sharded, _ = layouts[id(plan)]
         refined = grid.count > 1 and not all(s >= k for s, k in zip(grid.shape, key))
         if sharded and refined and plan.exact and plan.exact[0] and plan.dense_reason is None:
             starts, stops = grid.boxes(plan.planned[0])  # shard indices read to find the units holding data

@@ -85,14 +85,20 @@ def unit_shape(
     """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
 
     Units never exceed one shard of the pass's first target mag, so one unit
-    writes each level with one call into one shard. Of two axes equally long,
-    x grows first; for a remote source z, then y: a shard stores its chunks
-    x-slowest (c, x, y, z), so a unit that spans a shard's z and y is one
-    contiguous run of it, fetched in one request (store.prefetch); and a
+    writes each level with one call into one shard. The shortest axis grows
+    first (of two equally long, x). For a remote source z grows first until
+    the unit spans a shard's depth (or the region's), then y, then x: a shard
+    stores its chunks x slowest (c, x, y, z), so such a unit is one contiguous
+    run of each shard, fetched in one request per box (store.prefetch); and a
     remote unit grows only while it is fetched in at most
     `UnitBudget.MAX_FETCHED_BOXES` boxes.
     """
-    order = (lambda a: (shape[a], -a)) if budget.remote else (lambda a: shape[a])
+    if budget.remote:
+        def order(axis: int) -> tuple:  # z, y, x, each until it spans a shard; then the same again
+            return (shape[axis] >= min(needed[axis], SHARD), -axis)
+    else:
+        def order(axis: int) -> tuple:
+            return (shape[axis],)
     factor = factor_between(a_pass.source_mag, a_pass.coarsest)
     first = factor_between(a_pass.source_mag, a_pass.target_mags[0])
     shape = [CHUNK * f for f in factor]
