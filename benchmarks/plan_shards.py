@@ -10,9 +10,9 @@ has a full 512 KiB index, then:
 Units smaller than a shard (`--args`, default `--memory-budget 256M`) make planning ask which
 part of a shard holds data, which it answered by reading every stored shard's index.
 
-- locally: `beam-downsample PATH --dry-run` as a subprocess (wall time), and the same dry run
-  in this process, reading tensorstore's `/tensorstore/kvstore/file/bytes_read` around it
-  (what planning reads);
+- locally: `beam-downsample PATH --dry-run` in a fresh process (wall time, and what it read:
+  tensorstore's `/tensorstore/kvstore/*/bytes_read` at its end), from this source tree and from
+  any `--variant NAME=SRC` (e.g. a worktree of main);
 - with --gcs: the layer uploaded to fake-gcs-server behind the counting proxy of
   gcs_requests.py, adding --delay ms to every request; the dry run as a subprocess (wall time,
   requests by kind as the proxy saw them).
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
 import os
 import shutil
 import subprocess
@@ -69,22 +67,28 @@ def write_layer(path: str, shards: tuple[int, int, int]) -> None:
                 view[0:1, at[0]:at[0] + BLOCK, at[1]:at[1] + BLOCK, at[2]:at[2] + BLOCK].write(block).result()
 
 
-def bytes_read() -> int:
-    total = 0
-    for metric in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/"):
-        if metric["name"].endswith("/bytes_read"):
-            total += sum(int(v.get("value", 0)) for v in metric.get("values", []))
-    return total
+DRIVER = """
+import sys, tensorstore as ts
+from beam_downsample.launch import cli
+code = cli.main(["beam-downsample", *sys.argv[1:]])
+read = sum(int(v.get("value", 0)) for m in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/")
+           if m["name"].endswith("/bytes_read") for v in m.get("values", []))
+print(f"BYTES_READ={read}")
+sys.exit(code)
+"""
 
 
-def dry_run_subprocess(target: str, env: dict, args=()) -> tuple[float, str]:
+def dry_run_subprocess(target: str, env: dict, args=(), src: str | None = None) -> tuple[float, str, int]:
+    """(wall s, stdout, bytes tensorstore read) of `--dry-run` in a fresh process (source tree `src`)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "beam_downsample", target, "--dry-run", *args], capture_output=True,
-                            text=True, env=env, timeout=900, check=False)
+    result = subprocess.run([sys.executable, "-c", DRIVER, target, "--dry-run", *args], capture_output=True,
+                            text=True, env=dict(env, **({"PYTHONPATH": src} if src else {})), timeout=3600,
+                            check=False)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
-    return wall, result.stdout
+    read = int(result.stdout.rsplit("BYTES_READ=", 1)[1].split()[0])
+    return wall, result.stdout, read
 
 
 def main() -> None:
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", default=None, help="write (or reuse) the local layer here")
     parser.add_argument("--args", default="--memory-budget 256M", help="flags of the dry run")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=SRC: also plan with this source tree")
     options = parser.parse_args()
     shards = tuple(int(v) for v in options.shards.split("x"))
     root = tempfile.mkdtemp(prefix="plan-shards-")
@@ -114,18 +119,16 @@ def main() -> None:
 
 
 def report_local(path: str, options) -> None:
-    from beam_downsample.launch import cli  # pylint: disable=import-outside-toplevel
-
-    walls = [dry_run_subprocess(path, dict(os.environ), options.args.split())[0] for _ in range(options.repeat)]
-    before = bytes_read()
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(["beam-downsample", path, "--dry-run", *options.args.split()]) == 0
-    read = bytes_read() - before
-    print(out.getvalue())
-    print("| shards | where | dry run wall s (min / max) | planning read |")
-    print("|---|---|---|---|")
-    print(f"| {options.shards} | local | {min(walls):.2f} / {max(walls):.2f} | {read / 1e6:.1f} MB |")
+    rows = []
+    for name, src in [("this tree", None)] + [tuple(v.split("=", 1)) for v in options.variant]:
+        runs = [dry_run_subprocess(path, dict(os.environ), options.args.split(), src) for _ in range(options.repeat)]
+        walls = [wall for wall, _, _ in runs]
+        print(runs[-1][1].rsplit("BYTES_READ=", 1)[0])
+        rows.append(f"| {options.shards} | {name} | local | {min(walls):.2f} / {max(walls):.2f} | "
+                    f"{runs[-1][2] / 1e6:.1f} MB |")
+    print("| shards | source tree | where | dry run wall s (min / max) | planning read |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 def report_gcs(path: str, root: str, options) -> None:
@@ -152,7 +155,7 @@ def report_gcs(path: str, root: str, options) -> None:
         for _ in range(options.repeat):
             counter.counts.clear()
             delay["seconds"] = options.delay / 1000
-            wall, out = dry_run_subprocess(f"gs://{cloud.BUCKET}/shards", env, options.args.split())
+            wall, out, _ = dry_run_subprocess(f"gs://{cloud.BUCKET}/shards", env, options.args.split())
             delay["seconds"] = 0.0
             walls.append(wall)
             kinds = collections.Counter()
