@@ -4,20 +4,36 @@ numba kernels, bit-identical to the numpy kernels in `reduce` (which stay
 the reference and cover everything else): the same block order (y fastest,
 then x, then z) for the mode's tie-break, the same min/max network and
 truncated mean of the middle pair for the median, the same NaN and signed
-zero behaviour as numpy's `minimum`/`maximum`. No Beam import.
+zero behaviour as numpy's `minimum`/`maximum` (`reduce.downsample_box` then
+sets the NaN medians as `reduce.median_nans`). No Beam import.
 
 Compiled code is cached on disk (`cache=True`): a worker process loads it
 (~0.2 CPU-s, plus 0.25 to import numba) instead of compiling each kernel
-and dtype again (~0.8 CPU-s); see `_cache_dir` for where.
+and dtype again (~0.8 CPU-s); see `_cache_dir` for where. numba's cache is
+not safe for processes that compile into one directory at once (two new
+signatures of one function can be given the same data file, and a later
+process then loads the wrong machine code for its dtype): every compile or
+cache load of a kernel here happens in `ready`, holding an exclusive lock
+on a file in the cache directory (`flock`; on NFS, too). Where no lock can
+be taken, the cache moves to a directory of this machine, else of this
+process.
 Kernels release the GIL, so the tile threads of `work.run_unit` run them in
 parallel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import Sequence
+import threading
+import time
+from typing import Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: the cache is then per process
+    fcntl = None
 
 import numpy as np
 
@@ -45,7 +61,7 @@ def _cache_dir() -> None:
         return
     if os.access(user if os.path.isdir(user) else os.path.expanduser("~"), os.W_OK):
         return
-    numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"beam-downsample-numba-{os.getuid()}")
+    numba.config.CACHE_DIR = _machine_cache_dir()
 
 
 def available(src: np.ndarray, factor: Sequence[int], interpolation: str, dst: np.ndarray | None = None) -> bool:
@@ -79,7 +95,8 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
 def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_at: Sequence[int],
                    shape: Sequence[int], factor: Sequence[int], interpolation: str) -> None:
     """Reduces the box of `src` at `src_at` into the box of `dst` at `dst_at`
-    shaped `shape` (in output voxels); both boxes must lie inside their arrays."""
+    shaped `shape` (in output voxels); both boxes must lie inside their arrays.
+    Compiles or loads the kernel first if needed (`ready`)."""
     for a, at, n, f in zip(src.shape[1:], src_at, shape, factor):
         if at < 0 or at + n * f > a:
             raise ValueError(f"source box at {tuple(src_at)} of {tuple(shape)}x{tuple(factor)} outside {src.shape}")
@@ -90,11 +107,113 @@ def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_
         return
     if not (src.flags.f_contiguous and dst.flags.f_contiguous):
         raise ValueError("the compiled kernels need Fortran-contiguous arrays")
+    if not ready(src, factor, interpolation):
+        raise RuntimeError(f"the compiled {interpolation} kernel at {tuple(factor)} could not be loaded")
     flat_src, flat_dst = src.reshape(-1, order="F"), dst.reshape(-1, order="F")  # views
     (nc, sx, sy, _), (_, dx, dy, _) = src.shape, dst.shape
-    s0 = nc * (src_at[0] + sx * (src_at[1] + sy * src_at[2]))
-    d0 = nc * (dst_at[0] + dx * (dst_at[1] + dy * dst_at[2]))
-    KERNELS[interpolation, tuple(factor)](flat_src, s0, nc * sx, nc * sx * sy, flat_dst, d0, nc * dx, nc * dx * dy, nc, *shape)
+    s0 = nc * (int(src_at[0]) + sx * (int(src_at[1]) + sy * int(src_at[2])))
+    d0 = nc * (int(dst_at[0]) + dx * (int(dst_at[1]) + dy * int(dst_at[2])))
+    KERNELS[interpolation, tuple(factor)](flat_src, s0, nc * sx, nc * sx * sy, flat_dst, d0, nc * dx, nc * dx * dy, nc,
+                                          *(int(n) for n in shape))
+
+
+# ---------------------------------------------------------------------------
+# compiling and loading, one process of a machine (or cluster) at a time
+
+LOCK_NAME = "beam-downsample-kernels.lock"
+LOCK_WAIT_SECONDS = 600.0  # a compile holds the lock ~1 CPU-s; a holder stuck longer is not waited for
+
+_READY: set = set()  # (interpolation, factor, dtype, writeable source): compiled or loaded in this process
+_READY_LOCK = threading.Lock()
+
+
+def ready(src: np.ndarray, factor: Sequence[int], interpolation: str, load: bool = True) -> bool:
+    """Whether the kernel for `src`'s types is compiled in this process; with `load`, compiles it
+    or loads it from the cache first, holding the cache directory's lock. False if that failed
+    (the numpy kernels then do the work)."""
+    key = (interpolation, tuple(factor), src.dtype.str, bool(src.flags.writeable))
+    if key in _READY:
+        return True
+    if not load:
+        return False
+    with _READY_LOCK:
+        if key in _READY:
+            return True
+        kernel = KERNELS[interpolation, tuple(factor)]
+        sample = np.zeros(2 * int(np.prod(factor)), dtype=src.dtype)
+        sample.setflags(write=src.flags.writeable)
+        out = np.zeros(2, dtype=src.dtype)
+        try:
+            with _cache_lock():
+                kernel(sample, 0, 0, 0, out, 0, 0, 0, 1, 0, 0, 0)  # an empty box: compiles or loads, touches nothing
+        except (OSError, TimeoutError):
+            return False
+        _READY.add(key)
+        return True
+
+
+def cache_path() -> str | None:
+    """The directory numba caches these kernels in (one for all: they share a source file)."""
+    cache = getattr(median_221, "_cache", None)
+    return getattr(cache, "cache_path", None)
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    """Holds the exclusive lock of the cache directory. Where no lock can be taken there
+    (no flock on that filesystem), the cache moves to this machine's temp directory, and
+    failing that to a directory of this process, which nobody else writes."""
+    handle = None
+    for fallback in (_machine_cache_dir, tempfile.mkdtemp, None):
+        path = cache_path()
+        if path is None:  # caching is off: nothing is shared
+            break
+        try:
+            handle = _locked(os.path.join(path, LOCK_NAME))
+            break
+        except TimeoutError:
+            raise
+        except OSError:
+            if fallback is None:
+                break
+            _move_cache(fallback())
+    try:
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)  # releases the lock
+
+
+def _machine_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"beam-downsample-numba-{os.getuid()}")
+
+
+def _locked(path: str) -> int:
+    """An open descriptor of `path` holding its exclusive flock (waits up to LOCK_WAIT_SECONDS)."""
+    if fcntl is None:
+        raise OSError("no flock on this platform")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} held for more than {LOCK_WAIT_SECONDS:.0f} s") from None
+                time.sleep(0.02)
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _move_cache(directory: str) -> None:
+    """Caches every kernel of this module in `directory` from now on (before anything compiled)."""
+    numba.config.CACHE_DIR = directory
+    for dispatcher in _DISPATCHERS:
+        dispatcher.enable_caching()
 
 
 if numba is not None:
@@ -130,8 +249,8 @@ if numba is not None:
         if isinstance(a, types.Float):
             kind = a
 
-            def mid_float(a, b):
-                return kind((np.float64(a) + np.float64(b)) / 2.0)
+            def mid_float(a, b):  # numpy's mean of the pair, in the dtype's precision (+0.0 for zeros)
+                return (kind(0.0) + a + b) / kind(2.0)
 
             return mid_float
         if isinstance(a, types.Integer) and a.bitwidth <= 32:
@@ -326,5 +445,7 @@ if numba is not None:
         ("mode", (2, 2, 1)): mode_221,
         ("mode", (2, 2, 2)): mode_222,
     }
+    _DISPATCHERS = [value for value in list(globals().values()) if isinstance(value, numba.core.dispatcher.Dispatcher)]
 else:  # pragma: no cover
     KERNELS = {}
+    _DISPATCHERS = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,16 +43,24 @@ def block_views(data: np.ndarray, factor: Sequence[int]) -> list[np.ndarray]:
 
 def _mean_of_two_truncated(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """`(a + b) / 2` truncated toward zero, as the reference's float computation
-    gives for every integer it can represent; float inputs keep their precision.
+    gives for every integer it can represent; floats as numpy's mean of the pair.
 
     Integers use exact integer arithmetic (no overflow, no float64 rounding),
     so 64-bit values above 2**53 come out exact: the floor of the mean is
     `(a >> 1) + (b >> 1) + (a & b & 1)`, and a negative odd sum rounds up
     to truncate toward zero (measured against the reference for int8/int16).
+
+    Floats: `(0 + a + b) / 2` in the dtype's own precision, which is how the
+    reference's numpy median averages the middle pair (tests/golden): a zero
+    mean is +0.0 whatever the zeros' signs, and a float32 sum above the
+    largest float32 is inf.
     """
     if dtype.kind == "f":
-        wide = a.astype(np.float64) + b
-        return (wide / 2).astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = a + dtype.type(0)
+            total += b
+            total /= dtype.type(2)
+        return total
     floor = (a >> 1) + (b >> 1) + (a & b & 1)
     if dtype.kind == "u":
         return floor
@@ -97,13 +106,33 @@ def median(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
         low, high = _middle_pair_of_eight(views)
     else:
         stacked = np.stack(views)
+        if data.dtype.kind == "f":  # a partition moves NaN aside: as numpy's median, with NaN checks
+            with np.errstate(invalid="ignore"):
+                return np.median(np.moveaxis(stacked, 0, -1), axis=-1).astype(data.dtype, copy=False)
         if n % 2:
             return np.partition(stacked, n // 2, axis=0)[n // 2]
         part = np.partition(stacked, (n // 2 - 1, n // 2), axis=0)
         low, high = part[n // 2 - 1], part[n // 2]
     if n % 2:  # unreachable for powers of two, kept for odd factors
         raise AssertionError
-    return _mean_of_two_truncated(low, high, data.dtype)
+    result = _mean_of_two_truncated(low, high, data.dtype)
+    if data.dtype.kind == "f":
+        median_nans(data, factor, result)
+    return result
+
+
+def median_nans(data: np.ndarray, factor: Sequence[int], result: np.ndarray) -> None:
+    """Sets the medians of blocks that hold NaN to the NaN numpy's median of the block in
+    block order gives, as the reference's: NaNs of both signs (from inf - inf at an earlier
+    level) are chosen by numpy's partition, which no sorting network reproduces. The
+    networks of 2, 4 and 8 voxels give NaN for every block holding one, so only the NaN
+    results are computed again."""
+    nan = np.isnan(result)
+    if not nan.any():
+        return
+    values = np.stack([view[nan] for view in block_views(data, factor)], axis=-1)
+    with np.errstate(invalid="ignore"):
+        result[nan] = np.median(values, axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -268,8 +297,11 @@ def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> n
     if tuple(factor) == (1, 1, 1):
         return data.copy(order="K")
     fast = _compiled()
-    if fast is not None and fast.available(data, factor, interpolation):
-        return fast.downsample(data, factor, interpolation)
+    if fast is not None and fast.available(data, factor, interpolation) and fast.ready(data, factor, interpolation):
+        result = fast.downsample(data, factor, interpolation)
+        if interpolation == "median" and data.dtype.kind == "f":
+            median_nans(data, factor, result)
+        return result
     return kernel(data, factor)
 
 
@@ -292,47 +324,76 @@ def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_
             fast = _compiled() if compiled or _COMPILED else None
         else:
             fast = _prepared(interpolation, factor, src.dtype, load=compiled)
-        if fast is not None and fast.available(src, factor, interpolation, dst):
+        if (fast is not None and fast.available(src, factor, interpolation, dst)
+                and fast.ready(src, factor, interpolation, load=wait and compiled)):
             fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
+            if interpolation == "median" and src.dtype.kind == "f":
+                median_nans(src[_box_index(src_at, shape, factor)], factor, dst[_box_index(dst_at, shape)])
             return
-    source = (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(src_at, shape, factor))
-    target = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(dst_at, shape))
+    source = _box_index(src_at, shape, factor)
+    target = _box_index(dst_at, shape)
     dst[target] = src[source].copy(order="K") if tuple(factor) == (1, 1, 1) else kernel(src[source], factor)
 
 
-# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader thread
+def _box_index(at: Sequence[int], shape: Sequence[int], factor: Sequence[int] = (1, 1, 1)) -> tuple:
+    return (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(at, shape, factor))
+
+
+# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader threads
 _LOADED: set = set()
 _LOADING: dict = {}
 _LOAD_LOCK = threading.Lock()
+_LOADERS: list = []
+_STOP = threading.Event()
 
 
 def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
     """Loads the compiled kernels for these (interpolation, factor, dtype) on a background
     thread: numba's import and cache load (~0.5 s, mostly holding the GIL) then overlap
-    the first reads instead of stalling every tile thread on numba's compiler lock."""
+    the first reads instead of stalling every tile thread on numba's compiler lock.
+
+    The thread is no daemon: the interpreter never exits under it while it compiles
+    (LLVM aborts or crashes then); `shutdown` stops it between kernels."""
     wanted = []
     for interpolation, factor, dtype in kernels:
         key = (interpolation, tuple(factor), np.dtype(dtype).str)
         with _LOAD_LOCK:
-            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1):
+            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1) or _STOP.is_set():
                 continue
             _LOADING[key] = True
         wanted.append(key)
     if wanted:
-        threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True).start()
+        thread = threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels")
+        with _LOAD_LOCK:
+            _LOADERS[:] = [t for t in _LOADERS if t.is_alive()] + [thread]
+        thread.start()
 
 
 def _load(keys) -> None:
     for interpolation, factor, dtype in keys:
         try:
+            if _STOP.is_set():  # the run is over: numpy answers for what is not loaded
+                continue
             fast = _compiled()
             sample = np.zeros((1, *(2 * f for f in factor)), dtype=np.dtype(dtype), order="F")
             if fast is not None and fast.available(sample, factor, interpolation):
-                fast.downsample(sample, factor, interpolation)  # compiles or loads from the cache
+                fast.ready(sample, factor, interpolation)  # compiles, or loads from the cache
         finally:
             with _LOAD_LOCK:
                 _LOADED.add((interpolation, factor, dtype))
                 _LOADING.pop((interpolation, factor, dtype), None)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Stops loading kernels (a kernel being compiled is finished) and waits for the loader
+    threads, at most `timeout` seconds; True when none is left. Call before the interpreter exits."""
+    _STOP.set()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _LOAD_LOCK:
+        loaders = list(_LOADERS)
+    for thread in loaders:
+        thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+    return not any(thread.is_alive() for thread in loaders)
 
 
 def _prepared(interpolation: str, factor: Sequence[int], dtype: np.dtype, load: bool = True):
