@@ -27,7 +27,7 @@ from beam_downsample.run import supervise
 from beam_downsample.state import markers
 from beam_downsample.state.progress import Progress
 from beam_downsample.store import arrays, storage, wkw_io
-from beam_downsample.store.properties import Dataset, update_properties, with_new_mags
+from beam_downsample.store.properties import Dataset, load_dataset, update_properties, with_new_mags
 from beam_downsample.transforms import seeds
 from beam_downsample.transforms.downsample import DownsamplePass
 
@@ -184,6 +184,13 @@ def run_job(
         storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
         storage.delete_tree(storage.join_inside(dataset.path, STATE_DIR, plan.layer.name))
     return metrics
+
+
+def unlisted_mags(dataset_path: str, plans: Sequence[LayerPlan]) -> list[str]:
+    """`layer/mag` of every mag the plans make that the properties do not list (read again)."""
+    listed = {layer.name: set(layer.mags) for layer in load_dataset(dataset_path).layers}
+    return [f"{plan.layer.name}/{mag_name(mag)}" for plan in plans for a_pass in plan.passes
+            for mag in a_pass.target_mags if mag not in listed.get(plan.layer.name, set())]
 
 
 def _with_pass_mags(plans: Sequence[LayerPlan], index: int, raw: dict) -> dict:

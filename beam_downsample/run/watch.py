@@ -63,6 +63,10 @@ class Watcher:
         """A reason to give up the pass (no worker left: for a while, or `now`), else None."""
         return None
 
+    def news(self) -> list[str]:
+        """Lines for the log since the last call (e.g. a replacement job submitted)."""
+        return []
+
     def alive(self, state: workerstate.WorkerState) -> bool:
         return state.host != socket.gethostname() or pid_alive(state.pid)
 

@@ -87,7 +87,7 @@ class Progress:
         self._interval = max(_interval(d) for d in self._dirs) if self._dirs else 0.5
         self._total, self._label, self._report, self._done = total, label, report, done
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="beam-downsample-progress")
 
     def rerun(self, todo):
         """Before a pass's units run again (workers died): what is done now comes from the
