@@ -111,8 +111,12 @@ def role(name: str, prefix: str) -> str:
     return name or "bucket"
 
 
-def make_proxy(upstream: dict, counter: Counter, prefix_of):
-    """A threaded HTTP proxy to `upstream["url"]` (set once the emulator runs) that counts every request."""
+def make_proxy(upstream: dict, counter: Counter, prefix_of, alter=None):
+    """A threaded HTTP proxy to `upstream["url"]` (set once the emulator runs) that counts every request.
+
+    `alter(method, path, request_headers, status, body)`, if given, may change a response: it
+    returns the body, or (status, body) (tests/test_faults.py cuts object reads short and refuses
+    writes); the Content-Length follows the body."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -130,7 +134,12 @@ def make_proxy(upstream: dict, counter: Counter, prefix_of):
             connection.request(self.command, self.path, body=body or None, headers=headers)
             response = connection.getresponse()
             data = response.read()
-            self.send_response(response.status, response.reason)
+            status, reason = response.status, response.reason
+            if alter is not None:
+                data = alter(self.command, self.path, self.headers, status, data)
+                if isinstance(data, tuple):
+                    (status, data), reason = data, None
+            self.send_response(status, reason)
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                     self.send_header(key, value)

@@ -161,9 +161,8 @@ def run_job(
             layer, path = failed[0]
             reason = (storage.read_text(path) or "").strip()
             unit = os.path.basename(path)[: -len(markers.FAILED)]
-            raise UnitFailed(
-                f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
-            )
+            others = f" and {len(failed) - 1} more work unit(s)" if len(failed) > 1 else ""
+            raise UnitFailed(f"{reason or f'layer {layer!r} unit {unit} failed'} [pass {index + 1}{others}]")
         missing = [(g, m) for g, m in zip(grids, unfinished(configs, grids, planned)) if len(m)]
         if missing:
             count = sum(len(m) for _, m in missing)

@@ -123,6 +123,39 @@ def stored_chunk_boxes(spec: dict, keys_starts: np.ndarray) -> Optional[tuple[np
     return starts, starts + chunk[1:]
 
 
+def storage_objects(array, spec: dict, box: Box) -> list[tuple[str, Box]]:
+    """The stored objects (zarr chunks, sharded zarr3 shards, wkw files) that hold `box` of a
+    mag, whether they exist or not: (full path or gs:// URL, the part of `box` they hold)."""
+    if spec["driver"] == "wkw":
+        side = array.file_voxels
+        shape, channel_keys = (side, side, side), [None]
+    else:
+        chunk, prefix, separator = _chunk_layout(array)
+        shape = chunk[1:]
+        channel_keys = list(range(-(-array.shape[0] // chunk[0])))
+    found = []
+    cells = [range(a // s, -(-b // s)) for a, b, s in zip(box.start, box.stop, shape)]
+    for x in cells[0]:
+        for y in cells[1]:
+            for z in cells[2]:
+                start = (x * shape[0], y * shape[1], z * shape[2])
+                part = box.intersect(Box(start, tuple(a + s for a, s in zip(start, shape))))  # type: ignore[arg-type]
+                for c in channel_keys:
+                    if c is None:
+                        found.append((os.path.join(spec["path"], f"z{z}", f"y{y}", f"x{x}.wkw"), part))
+                    else:
+                        found.append((kvstore_url(spec["kvstore"]) + prefix + separator.join(map(str, (c, x, y, z))),
+                                      part))
+    return found
+
+
+def kvstore_url(kvstore: dict) -> str:
+    """A kvstore spec's path as users write it (gs://bucket/path/ or a local path/)."""
+    if kvstore["driver"] == "gcs":
+        return f"gs://{kvstore['bucket']}/{kvstore['path']}"
+    return kvstore["path"]
+
+
 def _wkw_boxes(path: str) -> tuple[np.ndarray, np.ndarray]:
     """wkw data files are `z<z>/y<y>/x<x>.wkw`, each a cube of block_len * file_len voxels."""
     mag = wkw_io.WkwMag(path)

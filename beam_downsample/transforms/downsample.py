@@ -13,7 +13,7 @@ from beam_downsample.core.grid import UnitGrid, WorkUnit
 from beam_downsample.state import markers, progress, workerstate
 from beam_downsample.store import arrays, stored
 from beam_downsample.transforms import seeds as seeds_module
-from beam_downsample.transforms import work
+from beam_downsample.transforms import faults, work
 
 
 class DownsampleUnitFn(beam.DoFn):
@@ -26,7 +26,8 @@ class DownsampleUnitFn(beam.DoFn):
     With `record_failures` (our local runners) a failing unit leaves a
     one-line failure record for the launcher instead of raising: Beam's
     multi-process FnApiRunner can hang on a failed bundle, and its
-    tracebacks bury the one line that matters (e.g. which chunk is corrupt).
+    tracebacks bury the one line that matters. Either way the failure is
+    one line naming the stored object, its layer, mag and box (`faults`).
     Other runners get the exception, so they can retry the bundle.
 
     Units whose source box holds nothing stored (tensorstore answers from
@@ -85,9 +86,10 @@ class DownsampleUnitFn(beam.DoFn):
             # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
             stats = work.run_unit(config, unit, source, targets, self._scratch, probe, skip_zeros=not config.refresh)
         except Exception as error:  # pylint: disable=broad-except
+            fault = faults.describe(error, config, unit, source, targets)  # one line naming the object
             if not self._record_failures:
-                raise
-            markers.record_failure(config, unit, error)
+                raise fault from error
+            markers.record_failure(config, unit, str(fault))
             self._failed.inc()
             yield unit.key
             return
