@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from beam_downsample import demo
-from conftest import run_cli, tree_digest
+from conftest import require_module, run_cli, tree_digest
 from resilience_helpers import start_cli, wait_until
 from test_resilience import BIG_VOXEL_SIZE, cheap_color, copy_dataset
 from test_workerdeath import (  # noqa: F401  (fixtures)
@@ -34,7 +34,7 @@ from test_workerdeath import (  # noqa: F401  (fixtures)
 )
 import slurm_cluster as slurm_setup
 
-pytest.importorskip("dask_jobqueue")
+require_module("dask_jobqueue")
 
 # Two single-core jobs of 1G each (a worker process with numba, tensorstore and dask is ~330 MB).
 RESOURCES = '{"mem": "1G", "cpus": 1, "time": "00:20:00", "partition": "%s"}' % slurm_setup.PARTITION

@@ -335,19 +335,31 @@ def test_sparse_zarr2(segmentation, tmp_path, data_format):
                 assert chunk.any(), (spec["name"], mag, key)
 
 
-def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path):
+def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path, capsys):
+    """kill -9 once the first unit is done: the kill lands mid-run (the launcher dies of it, a
+    pass has done and undone units, its mags are not listed), and the rerun resumes from the
+    markers (it says so) to the bytes of an uninterrupted run."""
     path = tmp_path / "ds"
     shutil.copytree(sparse_base[0], path)
     args = (path, "--distribution-strategy", "sequential", "--coarsest-mag", "16-16-8", "--memory-budget", "256M")
     proc = start_cli(tmp_path / "logs", "first", *args)
 
-    def some_done():
-        return any(n.endswith(".done") for d in glob.glob(str(path / ".beam-downsample" / "*" / "*"))
-                   if os.path.isdir(d) for n in os.listdir(d))
+    def done_markers():
+        return [n for d in glob.glob(str(path / ".beam-downsample" / "*" / "*")) if os.path.isdir(d)
+                for n in os.listdir(d) if n.endswith(".done")]
 
-    assert wait_until(some_done, proc, timeout=240), outputs(proc)
+    assert wait_until(done_markers, proc, timeout=240), outputs(proc)
     kill_group(proc)
+    assert proc.returncode == -9, outputs(proc)  # killed, not finished
+    done = len(done_markers())
+    listed = {layer["name"]: len(layer["mags"]) for layer in read_properties(path)["dataLayers"]}
+    assert listed != {layer["name"]: len(layer["mags"]) for layer in read_properties(sparse_done)["dataLayers"]}
+    capsys.readouterr()
     assert run(*args) == 0
+    resumed = re.findall(r"resuming: (\d+) of (\d+) work units of pass \d+ already done", capsys.readouterr().err)
+    assert resumed, "the rerun did not resume"
+    assert 0 < sum(int(a) for a, _ in resumed) < sum(int(b) for _, b in resumed)  # some, not all, were done
+    assert sum(int(a) for a, _ in resumed) >= done
     digest = {k: v for k, v in tree_digest(path).items()}
     clean = {k: v for k, v in tree_digest(sparse_done).items()}
     assert digest == clean
