@@ -125,20 +125,7 @@ def save_inputs(name: str, layers: list[dict], out: str) -> str:
 
 def create_reference_dataset(layers: list[dict], folder: str) -> str:
     """The dataset made with the reference's own API (parity.GENERATOR) from the input arrays."""
-    dataset = os.path.join(folder, "dataset")
-    spec_layers = []
-    for layer in layers:
-        npy = os.path.join(folder, f"{layer['name']}.npy")
-        np.save(npy, layer["data"])
-        entry = {k: v for k, v in layer.items() if k != "data"}
-        entry.update(npy=npy, top_left=list(TOP_LEFT))
-        spec_layers.append(entry)
-    spec = os.path.join(folder, "spec.json")
-    with open(spec, "w", encoding="utf-8") as handle:
-        json.dump({"path": dataset, "voxel_size": list(VOXEL), "layers": spec_layers, "data_format": "zarr3"}, handle)
-    script = os.path.join(folder, "make_reference_dataset.py")
-    with open(script, "w", encoding="utf-8") as handle:
-        handle.write(parity.GENERATOR)
+    dataset, spec, script, _ = parity.write_reference_inputs(folder, layers, VOXEL, "zarr3", TOP_LEFT)
     code, _ = watched([refenv.reference_python(), script, spec], os.path.join(folder, "create.log"), None)
     if code != 0:
         raise RuntimeError(f"the reference API could not create the dataset: {refenv.tail(os.path.join(folder, 'create.log'))}")

@@ -7,11 +7,8 @@ finishes with the output of an undisturbed run.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import sys
-import threading
 import urllib.parse
 
 import numpy as np
@@ -21,27 +18,20 @@ from beam_downsample import demo
 from beam_downsample.core.grid import WorkUnit
 from beam_downsample.plan.job import plan_job
 from beam_downsample.plan.options import JobOptions
-from beam_downsample.store import arrays, storage
+from beam_downsample.store import arrays
 from beam_downsample.store.properties import load_dataset
 from beam_downsample.transforms import faults
 from conftest import PROPERTIES, run_cli, tree_bytes
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import gcs_requests  # noqa: E402  pylint: disable=wrong-import-position
+import gcs_helpers
 
 BUCKET = "beam-downsample-faults"
 REMEDY = "rerun to retry; if it persists the stored object is damaged"
 SEQUENTIAL = ("--distribution-strategy", "sequential")
 
 
-def error_lines(stderr: str) -> list[str]:
-    """stderr without tensorstore's own log lines (it logs which credentials it uses)."""
-    return [line for line in stderr.splitlines() if line and not line.startswith(("I1", "W1", "E1"))]
-
-
 def fault_line(result) -> str:
     """The run's last stderr line, checked to be the only error line."""
-    lines = error_lines(result.stderr)
+    lines = gcs_helpers.error_lines(result.stderr)
     errors = [line for line in lines if line.startswith("beam-downsample: error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
     assert "Traceback" not in result.stderr
@@ -144,73 +134,30 @@ class Faults:
 @pytest.fixture(scope="module")
 def faulty_gcs(tmp_path_factory):
     """fake-gcs-server behind a proxy that injects `Faults`; the environment points at the proxy."""
-    root = tmp_path_factory.mktemp("faulty-gcs")
     injected = Faults()
-    upstream: dict = {"url": None}
-    proxy = gcs_requests.make_proxy(upstream, gcs_requests.Counter(), lambda: "", injected.alter)
-    proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
-    process, upstream["url"] = gcs_requests.start_emulator(root / "data", root / "server.log", proxy_url)
-    serving = threading.Thread(target=proxy.serve_forever, name="test-gcs-proxy")
-    serving.start()
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
-            patch.delenv(name, raising=False)
-        patch.setenv("STORAGE_EMULATOR_HOST", proxy_url)
-        patch.setattr(storage, "_CLIENT", None)
-        try:
-            storage.gcs_client().create_bucket(BUCKET)
-            yield injected
-        finally:
-            proxy.shutdown()
-            serving.join()
-            process.terminate()
-            process.wait(timeout=10)
-            storage._CLIENT = None  # pylint: disable=protected-access
+    with gcs_helpers.emulated_gcs(tmp_path_factory.mktemp("faulty-gcs"), BUCKET, injected.alter):
+        yield injected
 
 
-def upload(local_dir, prefix: str) -> str:
-    bucket = storage.gcs_client().bucket(BUCKET)
-    for rel, content in tree_bytes(local_dir).items():
-        bucket.blob(f"{prefix}/{rel}").upload_from_string(content)
-    return f"gs://{BUCKET}/{prefix}"
-
-
-def download(prefix: str) -> dict[str, bytes]:
-    blobs = storage.gcs_client().list_blobs(BUCKET, prefix=f"{prefix}/")
-    return {blob.name[len(prefix) + 1:]: blob.download_as_bytes() for blob in blobs}
-
-
-def test_shard_read_cut_short_on_gcs_is_named_and_a_rerun_after_it_is_identical(faulty_gcs, small):
+@pytest.mark.parametrize("fault, objects, verb, layer, mag", [
+    ("cut", "color/1/c/", "reading", "color", "1"),  # a shard read cut short
+    ("refuse", "segmentation/2-2-1/c/", "writing", "segmentation", "2-2-1"),  # an upload refused (403)
+], ids=["read-cut-short", "write-refused"])
+def test_gcs_fault_is_named_and_a_rerun_after_it_is_identical(faulty_gcs, small, fault, objects, verb, layer, mag):
     base, clean = small
-    url = upload(base, "cut")
-    faulty_gcs.cut = "cut/color/1/c/"
+    prefix = f"{fault}-{layer}"
+    url = gcs_helpers.upload(base, BUCKET, prefix)
+    setattr(faulty_gcs, fault, f"{prefix}/{objects}")
     try:
         first = run_cli(url, *SEQUENTIAL)
         again = run_cli(url, *SEQUENTIAL)
     finally:
-        faulty_gcs.cut = None
+        setattr(faulty_gcs, fault, None)
     assert first.returncode == 1 and again.returncode == 1
     line = fault_line(first)
-    assert line.startswith(f"beam-downsample: error: reading {url}/color/1/c/0/0/0/0 failed "
-                           "(layer 'color', mag 1, box "), line
-    assert REMEDY in line
-    assert fault_line(again) == line
+    assert line.startswith(f"beam-downsample: error: {verb} {url}/{objects}0/0/0/0 failed "
+                           f"(layer '{layer}', mag {mag}, box "), line
+    assert (REMEDY if verb == "reading" else "rerun to retry") in line
+    assert fault_line(again) == line  # it persists: the same line
     assert run_cli(url, *SEQUENTIAL).returncode == 0  # the fault is gone: the run finishes, as if undisturbed
-    assert download("cut") == clean
-
-
-def test_refused_write_on_gcs_is_named_with_the_target_mag(faulty_gcs, small):
-    base, clean = small
-    url = upload(base, "refused")
-    faulty_gcs.refuse = "refused/segmentation/2-2-1/c/"
-    try:
-        first = run_cli(url, *SEQUENTIAL)
-    finally:
-        faulty_gcs.refuse = None
-    assert first.returncode == 1
-    line = fault_line(first)
-    assert line.startswith(f"beam-downsample: error: writing {url}/segmentation/2-2-1/c/0/0/0/0 failed "
-                           "(layer 'segmentation', mag 2-2-1, box "), line
-    assert "rerun to retry" in line
-    assert run_cli(url, *SEQUENTIAL).returncode == 0
-    assert download("refused") == clean
+    assert gcs_helpers.download(BUCKET, prefix) == clean

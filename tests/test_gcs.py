@@ -26,11 +26,8 @@ from beam_downsample.store import locks, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
 from refresh_helpers import assert_same_pyramid, edit_finest_mag
 from resilience_helpers import kill_group, start_cli, wait_until
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import gcs_requests  # noqa: E402  pylint: disable=wrong-import-position
-
-start_emulator = gcs_requests.start_emulator
+import gcs_helpers
+from gcs_helpers import gcs_requests
 
 BUCKET = "beam-downsample-test"
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -39,19 +36,8 @@ VOXEL_SIZE = (11.24, 11.24, 28.0)
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """A fake-gcs-server process with one bucket; the environment points at it for this module."""
-    root = tmp_path_factory.mktemp("fake-gcs")
-    process, url = start_emulator(root / "data", root / "server.log")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
-            patch.delenv(name, raising=False)
-        patch.setenv("STORAGE_EMULATOR_HOST", url)
-        patch.setattr(storage, "_CLIENT", None)
-        try:
-            storage.gcs_client().create_bucket(BUCKET)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with gcs_helpers.emulated_gcs(tmp_path_factory.mktemp("fake-gcs"), BUCKET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +58,14 @@ def local_dataset(tmp_path_factory, segmentation):
 
 
 def upload(local_dir, prefix: str) -> str:
-    """Copies every file of `local_dir` to gs://BUCKET/prefix; returns the URL."""
-    bucket = storage.gcs_client().bucket(BUCKET)
-    for rel, content in tree_bytes(local_dir).items():
-        bucket.blob(f"{prefix}/{rel}").upload_from_string(content)
-    return f"gs://{BUCKET}/{prefix}"
+    return gcs_helpers.upload(local_dir, BUCKET, prefix)
 
 
 def download(prefix: str) -> dict[str, bytes]:
-    """Every object under gs://BUCKET/prefix/: relative name -> bytes."""
-    blobs = storage.gcs_client().list_blobs(BUCKET, prefix=f"{prefix}/")
-    return {blob.name[len(prefix) + 1:]: blob.download_as_bytes() for blob in blobs}
+    return gcs_helpers.download(BUCKET, prefix)
 
 
-def error_lines(stderr: str) -> list[str]:
-    """stderr without tensorstore's own log lines (it logs which credentials it uses)."""
-    return [line for line in stderr.splitlines() if line and not line.startswith(("I1", "W1", "E1"))]
+error_lines = gcs_helpers.error_lines
 
 
 @pytest.fixture(scope="module")

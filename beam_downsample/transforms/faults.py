@@ -64,6 +64,7 @@ def one_line(error: BaseException) -> str:
     """`Type: message` on one line, at most REASON_CHARS characters."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     text = re.sub(r"\s*\[while running .*?\]", "", text)
+    text = re.sub(r"\s*\[[a-z_ ]+='.*?'\](?=\s*\[|\s*$|;)", "", text)  # tensorstore's payloads, in any order
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
