@@ -56,5 +56,5 @@ setup(
             *DOCS,
         ],
     },
-    entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
+    entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.entry:run"]},
 )
