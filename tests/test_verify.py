@@ -25,6 +25,7 @@ from beam_downsample.core.box import Box, region_in_mag
 from beam_downsample.launch import cli, verify_cli
 from beam_downsample.verify import VerifyUsageError, preview, verify
 from conftest import read_properties, run_cli, tree_digest, write_properties
+from test_formats import element_class_layers
 
 VOXEL_SIZE = (11.24, 11.24, 28.0)
 TOP_LEFT = (3, 5, 7)
@@ -127,6 +128,25 @@ def test_verify_passes_on_every_formats_output(pyramids, data_format):
                        for box in boxes), "the far corner (edge replication on every axis) is sampled"
     assert result.voxels_compared == sum(s.box.voxels for s in result.samples) > 0
     assert tree_digest(path) == before  # nothing written
+
+
+def test_verify_passes_on_every_element_class(tmp_path):
+    """Every dtype (floats with -0.0 and NaN-free wide values, uint64 above 2**53), RGB and two
+    channels: the recomputed samples equal the run's bit for bit; a changed float's sign does not."""
+    path = tmp_path / "ds"
+    demo.write_dataset(str(path), element_class_layers(seed=3), VOXEL_SIZE, data_format="zarr3")
+    downsample(path, "--coarsest-mag", "4")
+    result = verify(str(path))
+    assert result.ok, [finding.line() for finding in result.findings]
+    assert result.layers == len(element_class_layers()) and result.voxels_compared > 0
+    array = open_zarr3(path / "c_float32" / "2-2-1")
+    voxel = (0, 5, 6, 8)
+    value = float(array[voxel].read().result())
+    array[voxel].write(np.float32(-value)).result()
+    findings = verify(str(path), layer_name="c_float32").findings
+    assert [(f.check, f.mag) for f in findings if f.mag == (2, 2, 1)] == [("sample", (2, 2, 1))]
+    assert f"first at {voxel[1:]}: stored {-value}, recomputed {value}" in findings[0].message
+    # (4-4-2, recomputed from the changed 2-2-1, now differs from what was made from the original)
 
 
 def test_verify_command_line_exit_status_and_lines(pyramids, capsys):

@@ -84,22 +84,22 @@ def _check_metadata(dataset: Dataset, layers: list[Layer], context, result: Veri
 
 
 def _decode(layers: list[Layer], chains: dict, result: VerifyResult, progress: Progress) -> dict:
-    """Lists every mag (the finest without reading its shard indices) and decodes all but the finest."""
+    """Lists every mag and decodes all but the finest."""
     listings = {}
     work = []
     for layer in layers:
         for index, mag in enumerate(chains[layer.name]):
-            listing = decode.list_mag(layer, mag, with_chunks=index > 0)
+            listing = decode.list_mag(layer, mag)
             listings[layer.name, mag.mag] = listing
             if index > 0:
-                work.append((listing, decode.tiles(listing, region_in_mag(layer.bbox, mag.mag))))
-    counter = _Counter(progress, sum(len(tiles) for _, tiles in work), "verify: decoding")
-    for listing, tiles in work:
-        findings, voxels = decode.decode(listing, tiles, counter.add)
-        result.findings.extend(findings)
-        result.objects_decoded += len(listing.objects)
-        result.chunks_decoded += len(listing.chunks)
-        result.voxels_decoded += voxels
+                work.append((layer, listing))
+    counter = _Counter(progress, sum(len(listing.objects) for _, listing in work), "verify: decoding")
+    for layer, listing in work:
+        decoded = decode.decode(listing, region_in_mag(layer.bbox, listing.mag.mag), counter.add)
+        result.findings.extend(decoded.findings)
+        result.objects_decoded += decoded.objects
+        result.chunks_decoded += decoded.chunks
+        result.voxels_decoded += decoded.voxels
     return listings
 
 

@@ -1,13 +1,14 @@
 """Every stored shard index and chunk of a mag decodes.
 
-One listing of the mag names its objects (shards, chunks or wkw files); the
-index of every shard is read and checked (crc32c) and names the shard's
-chunks. The stored chunks are then read in chunk-aligned tiles, many tiles
-per `ts.Batch` (one read of a shard index and coalesced byte ranges per
-batch, decoded concurrently by tensorstore), a few batches in flight; the
-data is thrown away. Only what is stored is read: decoding costs the stored
-data, never the bounding box. A tile that fails is read again chunk by chunk
-(wkw: block by block) to name every chunk that does not decode.
+One listing of the mag names its objects (shards, chunks or wkw files). Then,
+a few shards at a time, the index of every shard is read and checked (crc32c)
+and names the shard's chunks, and the stored chunks are read in chunk-aligned
+tiles, many tiles per `ts.Batch` (one read of a shard index and coalesced byte
+ranges per batch, decoded concurrently by tensorstore), a few batches in
+flight; the data is thrown away. Only what is stored is read: decoding costs
+the stored data, never the bounding box, and memory holds the listing and the
+reads in flight, never all chunks. A tile that fails is read again chunk by
+chunk (wkw: block by block) to name every chunk that does not decode.
 
 zarr3 chunks carry a zstd checksum and their shard index a crc32c, so any
 changed byte is found. zarr v2 chunks (zstd without checksum) and wkw blocks
@@ -21,7 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -36,56 +37,44 @@ from beam_downsample.verify.result import Finding
 TILE_VOXELS = 4 << 20  # voxels of one read: a few chunks' rows of a shard
 BATCH_BYTES = 64 << 20  # decoded bytes of the reads in one batch
 IN_FLIGHT = 2  # batches read at once (memory: IN_FLIGHT * BATCH_BYTES plus tensorstore's buffers)
+GROUP_SHARDS = 16  # shard indices read at once (512 KiB each for 32^3 chunks)
+GROUP_CHUNKS = 4096  # unsharded chunks planned into tiles at once
 WKW_THREADS = 2  # the wkw library decodes on the calling thread
 MAX_FINDINGS = 20  # per mag; the rest are counted in one more finding
 
 
 @dataclasses.dataclass
 class MagListing:
-    """What one mag stores, from its listing and shard indices."""
+    """What one mag stores: the starts of its stored objects (shards, chunks or wkw
+    files), from one listing."""
 
     layer: str
     mag: MagArray
     layout: stored.Layout
-    objects: np.ndarray  # (N, 3) starts of the stored objects that can be read
-    chunks: np.ndarray  # (M, 3) starts of their chunks (= `objects` where the listing names no chunks)
-    chunk_shape: tuple[int, int, int]  # of the boxes that `chunks` start
+    objects: np.ndarray  # (N, 3) starts, in the mag's voxels
+
+    def object_boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.objects, self.objects + np.array(self.layout.object_shape, dtype=np.int64)
+
+
+@dataclasses.dataclass
+class Decoded:
+    """What decoding a mag found and read."""
+
     findings: list[Finding]
-
-    @property
-    def chunks_listed(self) -> bool:
-        """The shard indices were read: `chunks` are the chunks, not the shards."""
-        return self.chunk_shape != self.layout.object_shape
-
-    def chunk_boxes(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.chunks, self.chunks + np.array(self.chunk_shape, dtype=np.int64)
+    objects: int = 0
+    chunks: int = 0  # wkw: files
+    voxels: int = 0
 
 
-def list_mag(layer: Layer, mag: MagArray, with_chunks: bool = True) -> MagListing:
-    """The stored objects of `mag`; with `with_chunks` the index of every shard is read
-    (a shard whose index does not decode is a finding and is left out)."""
-    layout = stored.layout(mag.spec, mag.array)
-    objects = stored.object_starts(mag.spec, mag.array)
-    findings: list[Finding] = []
-    if layout.sharding is None or not with_chunks or not len(objects):
-        return MagListing(layer.name, mag, layout, objects, objects, layout.object_shape, findings)
-    readable, parts = [], []
-    for start, chunks in stored.shard_chunks(mag.spec, layout, objects):
-        if isinstance(chunks, ValueError):
-            box = Box(tuple(int(v) for v in start), tuple(int(v) + s for v, s in zip(start, layout.object_shape)))
-            findings.append(Finding("decode", layer.name, f"the shard index of {layout.key(start)} does not decode: "
-                                    f"{first_line(chunks)}", mag.mag, box))
-            continue
-        readable.append(start)
-        parts.append(chunks)
-    objects = np.array(readable, dtype=np.int64).reshape(-1, 3)
-    chunks = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-    return MagListing(layer.name, mag, layout, objects, chunks, layout.chunk_shape, findings)
+def list_mag(layer: Layer, mag: MagArray) -> MagListing:
+    return MagListing(layer.name, mag, stored.layout(mag.spec, mag.array), stored.object_starts(mag.spec, mag.array))
 
 
-def tile_shape(layout: stored.Layout, chunk: Sequence[int], voxels: int = TILE_VOXELS) -> tuple[int, int, int]:
-    """Chunk-aligned tiles of at most `voxels` (at least one chunk), grown along x, then y,
-    then z (Fortran order: x is contiguous), inside one shard where there are shards."""
+def tile_shape(layout: stored.Layout, voxels: int = TILE_VOXELS) -> tuple[int, int, int]:
+    """Chunk-aligned tiles (wkw: block-aligned) of at most `voxels` (at least one chunk), grown
+    along x, then y, then z (Fortran order: x is contiguous), inside one shard where there are shards."""
+    chunk = layout.chunk_shape
     bound = layout.object_shape if layout.sharding is not None else tuple(-(-SHARD // c) * c for c in chunk)
     shape = list(chunk)
     for axis in range(3):
@@ -94,26 +83,24 @@ def tile_shape(layout: stored.Layout, chunk: Sequence[int], voxels: int = TILE_V
     return tuple(shape)  # type: ignore[return-value]
 
 
-def tiles(listing: MagListing, region: Box, voxels: int = TILE_VOXELS) -> list[Box]:
-    """Boxes that cover every stored chunk, each inside one cell of a grid of `tile_shape`
-    and shrunk to the chunks it holds, clipped to the array's domain (wkw: to the
-    bounding box, as a wkw file cannot say which of its blocks are stored)."""
-    wkw = listing.layout.wkw
-    shape = np.array(tile_shape(listing.layout, listing.layout.chunk_shape if wkw else listing.chunk_shape, voxels),
-                     dtype=np.int64)
-    starts, stops = listing.chunk_boxes()
-    domain = region if wkw else arrays.array_domain(listing.mag.array)
-    starts, stops = np.maximum(starts, domain.start), np.minimum(stops, domain.stop)
+def tiles(starts: np.ndarray, stops: np.ndarray, shape: Sequence[int], within: Box) -> list[Box]:
+    """Boxes that cover the boxes (`starts`, `stops`) inside `within`: one per cell of a grid of
+    `shape` that they touch, shrunk to their part of the cell."""
+    starts, stops = np.maximum(starts, within.start), np.minimum(stops, within.stop)
     keep = np.all(stops > starts, axis=1)
     starts, stops = starts[keep], stops[keep]
-    if wkw:  # a file spans many tiles: its part in each
-        parts = []
-        for start, stop in zip(starts, stops):
-            grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(start // shape, -(-stop // shape))], indexing="ij")
-            cells = np.stack(grid, axis=-1).reshape(-1, 3)
-            parts.append((np.maximum(cells * shape, start), np.minimum((cells + 1) * shape, stop)))
-        starts = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 3), dtype=np.int64)
-        stops = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 3), dtype=np.int64)
+    shape = np.array(shape, dtype=np.int64)
+    first, last = starts // shape, -(-stops // shape)
+    spans = np.any(last - first > 1, axis=1)  # (wkw files: many cells each)
+    parts = [(starts[~spans], stops[~spans])]
+    for start, stop, low, high in zip(starts[spans], stops[spans], first[spans], last[spans]):
+        grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high)], indexing="ij")
+        cells = np.stack(grid, axis=-1).reshape(-1, 3)
+        parts.append((np.maximum(cells * shape, start), np.minimum((cells + 1) * shape, stop)))
+    starts = np.concatenate([p[0] for p in parts])
+    stops = np.concatenate([p[1] for p in parts])
+    if not len(starts):
+        return []
     cells, owner = np.unique(starts // shape, axis=0, return_inverse=True)
     owner = owner.reshape(-1)
     low = np.full(cells.shape, np.iinfo(np.int64).max, dtype=np.int64)
@@ -124,27 +111,58 @@ def tiles(listing: MagListing, region: Box, voxels: int = TILE_VOXELS) -> list[B
     return [Box(tuple(int(v) for v in low[i]), tuple(int(v) for v in high[i])) for i in order]
 
 
-def decode(listing: MagListing, boxes: Sequence[Box], done: Callable[[int], None] = lambda n: None
-           ) -> tuple[list[Finding], int]:
-    """Reads the mag's `tiles` (`boxes`), which hold every stored chunk; (findings, voxels read).
-    `done(n)` is called as tiles finish."""
-    failed = list(read_all(listing.mag.array, boxes, done))
-    findings = list(listing.findings)
-    for tile, error in failed:
-        findings.extend(_name_chunks(listing, tile, error))
-    if len(findings) > MAX_FINDINGS:
-        more = len(findings) - MAX_FINDINGS
-        findings = findings[:MAX_FINDINGS] + [Finding("decode", listing.layer, f"{more} more chunk(s) or shard "
-                                                      "index(es) of this mag do not decode", listing.mag.mag)]
-    return findings, sum(box.voxels for box in boxes)
+def decode(listing: MagListing, region: Box, done: Callable[[int], None] = lambda n: None) -> Decoded:
+    """Reads every stored chunk of the mag (wkw: every block of its files inside `region`, as a
+    wkw file cannot say which of its blocks are stored). `done(n)`: n more objects are read."""
+    result = Decoded([])
+    boxes = _plan(listing, region, result, done)
+    for tile, error in read_all(listing.mag.array, boxes):
+        result.findings.extend(_name_chunks(listing, tile, error))
+    if len(result.findings) > MAX_FINDINGS:
+        more = len(result.findings) - MAX_FINDINGS
+        result.findings[MAX_FINDINGS:] = [Finding("decode", listing.layer, f"{more} more chunk(s) or shard index(es) "
+                                                  "of this mag do not decode", listing.mag.mag)]
+    return result
 
 
-def read_all(array, boxes: Sequence[Box], done: Callable[[int], None] = lambda n: None
-             ) -> Iterator[tuple[Box, Exception]]:
+def _plan(listing: MagListing, region: Box, result: Decoded, done: Callable[[int], None]) -> Iterator[Box]:
+    """The tiles to read, a group of objects at a time (shards: after reading their indices)."""
+    layout, mag = listing.layout, listing.mag
+    shape = tile_shape(layout)
+    within = region if layout.wkw else arrays.array_domain(mag.array)
+    objects = listing.objects
+    if layout.sharding is None and not layout.wkw:  # chunks: grouped by tile
+        cells = objects // np.array(shape, dtype=np.int64)
+        objects = objects[np.lexsort((objects[:, 0], cells[:, 0], cells[:, 1], cells[:, 2]))]
+    size = GROUP_SHARDS if layout.sharding is not None else 1 if layout.wkw else GROUP_CHUNKS
+    for first in range(0, len(objects), size):
+        group = objects[first:first + size]
+        if layout.sharding is not None:
+            chunks = []
+            for start, listed in stored.shard_chunks(mag.spec, layout, group):
+                if isinstance(listed, ValueError):
+                    box = Box(tuple(int(v) for v in start), tuple(int(v) + s for v, s in zip(start, layout.object_shape)))
+                    result.findings.append(Finding("decode", listing.layer, f"the shard index of {layout.key(start)} "
+                                                   f"does not decode: {first_line(listed)}", mag.mag, box))
+                else:
+                    chunks.append(listed)
+            starts = np.concatenate(chunks) if chunks else np.zeros((0, 3), dtype=np.int64)
+            stops = starts + np.array(layout.chunk_shape, dtype=np.int64)
+        else:
+            starts, stops = group, group + np.array(layout.object_shape, dtype=np.int64)
+        result.objects += len(group)
+        result.chunks += len(starts)
+        for box in tiles(starts, stops, shape, within):
+            result.voxels += box.voxels
+            yield box
+        done(len(group))
+
+
+def read_all(array, boxes: Iterable[Box]) -> Iterator[tuple[Box, Exception]]:
     """Reads every box (inside the array's domain) and throws the data away; yields
-    (box, error) for each read that fails. `done(n)`: n more boxes are read."""
+    (box, error) for each read that fails."""
     if isinstance(array, wkw_io.WkwMag):
-        yield from _read_wkw(array, boxes, done)
+        yield from _read_wkw(array, boxes)
         return
     itemsize = arrays.array_dtype(array).itemsize * (arrays.array_channels(array) or 1)
     pending: collections.deque = collections.deque()
@@ -152,12 +170,12 @@ def read_all(array, boxes: Sequence[Box], done: Callable[[int], None] = lambda n
         with ts.Batch() as batch:
             pending.append([(box, array[arrays.region_index(box)].read(order="F", batch=batch)) for box in group])
         while len(pending) >= IN_FLIGHT:
-            yield from _collect(pending.popleft(), done)
+            yield from _collect(pending.popleft())
     while pending:
-        yield from _collect(pending.popleft(), done)
+        yield from _collect(pending.popleft())
 
 
-def _batches(boxes: Sequence[Box], itemsize: int) -> Iterator[list[Box]]:
+def _batches(boxes: Iterable[Box], itemsize: int) -> Iterator[list[Box]]:
     group: list[Box] = []
     size = 0
     for box in boxes:
@@ -170,17 +188,15 @@ def _batches(boxes: Sequence[Box], itemsize: int) -> Iterator[list[Box]]:
         yield group
 
 
-def _collect(reads: list, done: Callable[[int], None]) -> Iterator[tuple[Box, Exception]]:
+def _collect(reads: list) -> Iterator[tuple[Box, Exception]]:
     for box, future in reads:
         try:
             future.result()
         except Exception as error:  # pylint: disable=broad-except  # (tensorstore: ValueError)
             yield box, error
-    done(len(reads))
 
 
-def _read_wkw(array: wkw_io.WkwMag, boxes: Sequence[Box], done: Callable[[int], None]
-              ) -> Iterator[tuple[Box, Exception]]:
+def _read_wkw(array: wkw_io.WkwMag, boxes: Iterable[Box]) -> Iterator[tuple[Box, Exception]]:
     def read(box: Box) -> Optional[Exception]:
         try:
             array.read(box)
@@ -193,35 +209,35 @@ def _read_wkw(array: wkw_io.WkwMag, boxes: Sequence[Box], done: Callable[[int], 
         for box in boxes:
             futures.append((box, pool.submit(read, box)))
             if len(futures) > 2 * WKW_THREADS:
-                yield from _wkw_result(*futures.popleft(), done)
+                yield from _wkw_result(*futures.popleft())
         while futures:
-            yield from _wkw_result(*futures.popleft(), done)
+            yield from _wkw_result(*futures.popleft())
 
 
-def _wkw_result(box: Box, future, done: Callable[[int], None]) -> Iterator[tuple[Box, Exception]]:
+def _wkw_result(box: Box, future) -> Iterator[tuple[Box, Exception]]:
     error = future.result()
-    done(1)
     if error is not None:
         yield box, error
 
 
 def _name_chunks(listing: MagListing, tile: Box, error: Exception) -> list[Finding]:
-    """Findings for the chunks of a failed tile that do not decode when read alone."""
+    """Findings for the chunks (wkw: blocks) of a failed tile that do not decode when read alone."""
     layout, mag = listing.layout, listing.mag
-    if layout.wkw:  # files: their blocks
-        chunk = np.array(layout.chunk_shape, dtype=np.int64)
+    chunk = np.array(layout.chunk_shape, dtype=np.int64)
+    if layout.sharding is not None:  # the chunks its shard's index lists (read again: this is rare)
+        shard = np.array(tile.start, dtype=np.int64) // layout.object_shape * layout.object_shape
+        ((_, starts),) = stored.shard_chunks(mag.spec, layout, shard[None])
+        starts = np.zeros((0, 3), dtype=np.int64) if isinstance(starts, ValueError) else starts
+    else:  # every chunk (wkw: block) of the tile; unstored zarr chunks read as fill, without error
         first, last = np.array(tile.start) // chunk, -(-np.array(tile.stop) // chunk)
-        starts = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(first, last)], indexing="ij"),
-                          axis=-1).reshape(-1, 3) * chunk
-    else:
-        chunk = np.array(listing.chunk_shape, dtype=np.int64)
-        starts = listing.chunks[np.all((listing.chunks >= tile.start) & (listing.chunks < tile.stop), axis=1)]
+        grid = np.meshgrid(*[np.arange(a, b) for a, b in zip(first, last)], indexing="ij")
+        starts = np.stack(grid, axis=-1).reshape(-1, 3) * chunk
     domain = arrays.array_domain(mag.array)
-    pieces = [Box(tuple(int(v) for v in s), tuple(int(v) for v in s + chunk)).intersect(domain) for s in starts]
+    pieces = [Box(tuple(int(v) for v in s), tuple(int(v) for v in s + chunk)) for s in starts]
+    pieces = [p.intersect(domain) for p in pieces if not p.intersect(tile).empty]
     failed = list(read_all(mag.array, [p for p in pieces if not p.empty]))
     if not failed:  # (it failed as a whole only: say so)
         return [Finding("decode", listing.layer, f"reading it failed: {first_line(error)}", mag.mag, tile)]
     where = "block" if layout.wkw else "chunk"
     return [Finding("decode", listing.layer, f"{where} of {layout.key(piece.start)} does not decode: "
                     f"{first_line(piece_error)}", mag.mag, piece) for piece, piece_error in failed]
-

@@ -42,10 +42,6 @@ class StoredVoxels:
         objects = _overlapping(listing.objects, listing.layout.object_shape, area)
         if not len(objects):
             return None
-        if listing.chunks_listed:  # every index was read (a coarse mag): a chunk at random
-            chunks = _overlapping(listing.chunks, listing.layout.chunk_shape, area)
-            return _voxel(rng, chunks[rng.integers(len(chunks))], listing.layout.chunk_shape, area) \
-                if len(chunks) else None
         start = objects[rng.integers(len(objects))]
         if listing.layout.sharding is not None:
             chunks = self._shard_chunks(start)
@@ -138,10 +134,10 @@ def choose(region: Box, factor: Mag, source: StoredVoxels, count: int, rng: np.r
 
 def missing_objects(region: Box, factor: Mag, source: MagListing, target: MagListing) -> list[Box]:
     """Boxes (in the target mag's voxels) of the target's objects that the source's stored
-    chunks map into but the target does not store, in a fixed order. Often a deleted
+    objects map into but the target does not store, in a fixed order. Often a deleted
     shard; sometimes legitimately absent (the reduction there is all 0, which is not
     stored), so each is recomputed rather than reported."""
-    starts, stops = source.chunk_boxes()
+    starts, stops = source.object_boxes()
     factor_array = np.array(factor, dtype=np.int64)
     low = np.maximum(starts // factor_array, region.start)
     high = np.minimum(-(-stops // factor_array), region.stop)
