@@ -8,6 +8,7 @@ with numpy; voxels written with tensorstore), never through beam_downsample.stor
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -407,3 +408,32 @@ def test_the_command_verifies_without_importing_beam(pyramids):
             "print(status, 'apache_beam' in sys.modules)")
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert process.stdout.splitlines()[-1] == "0 False", process.stderr
+
+
+def test_help_lists_the_options(capsys):
+    assert verify_cli.main(["verify", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: beam-downsample verify TARGET")
+    assert all(f"--{name}" in out for name in ("layer-name", "sample", "seed", "interpolation", "preview"))
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    with verify_cli._Progress(stream=terminal) as bar:  # pylint: disable=protected-access
+        for done in range(0, 11):
+            bar.update(done, 10, "verify: decoding")
+        bar.update(0, 3, "verify: recomputing samples")
+    assert "verify: decoding: 100%" in terminal.getvalue() and "verify: recomputing samples" in terminal.getvalue()
+    log, now = io.StringIO(), [0.0]
+    with verify_cli._Progress(stream=log, interval=30, clock=lambda: now[0]) as bar:  # pylint: disable=protected-access
+        for done in range(0, 101):
+            now[0] = done  # one step a second: a line every 30 s and one at the end
+            bar.update(done, 100, "verify: decoding")
+        bar.update(100, 100, "verify: decoding")
+    assert log.getvalue().splitlines() == [
+        "verify: decoding: 30/100 (30%), 30 s", "verify: decoding: 60/100 (60%), 60 s",
+        "verify: decoding: 90/100 (90%), 90 s", "verify: decoding: 100/100 (100%), 100 s"]

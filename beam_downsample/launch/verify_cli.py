@@ -116,11 +116,9 @@ def _fail(message: str) -> int:
 
 
 def _print_help(values: flags.FlagValues) -> None:
+    """The usage and absl's own rendering of the flags (wrapped, with defaults and bounds)."""
     print(USAGE)
-    print("options:")
-    for flag in sorted(values.get_key_flags_for_module(__name__), key=lambda f: f.name):
-        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
-        print(f"  --{flag.name}: {flag.help}{default}")
+    print("options:" + values.module_help(__name__).split(":", 1)[1])
     print("  -h, --help: show this help and exit")
 
 
