@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Optional
 
@@ -121,18 +122,25 @@ def _recompute(layers: list[Layer], chains: dict, listings: dict, count: int, se
             boxes = dict(chosen)
             for box, why in extra:
                 boxes.setdefault(box, why)
-            keys = [(box, target_listing.layout.key(box.start)) for box in missing]
-            planned.append((layer, source, target, boxes, keys))
+            layout = target_listing.layout
+            keys = {tuple(a // s for a, s in zip(box.start, layout.object_shape)): layout.key(box.start)
+                    for box in missing}
+            planned.append((layer, source, target, boxes, functools.partial(_missing_at, keys, layout.object_shape)))
     damaged = {(f.layer, f.mag) for f in result.findings if f.check == "decode"}
     counter = _Counter(progress, sum(len(boxes) for *_, boxes, _ in planned), "verify: recomputing samples")
-    for layer, source, target, boxes, keys in planned:
+    for layer, source, target, boxes, missing_at in planned:
         interpolation_used = result.interpolations[layer.name]
         result.samples.extend(Sample(layer.name, target.mag, source.mag, box, why) for box, why in boxes.items())
-        findings, compared = recompute.recompute(layer, source, target, list(boxes), interpolation_used, keys,
+        findings, compared = recompute.recompute(layer, source, target, list(boxes), interpolation_used, missing_at,
                                                  [mag for name, mag in damaged if name == layer.name])
         result.findings.extend(findings)
         result.voxels_compared += compared
         counter.add(len(boxes))
+
+
+def _missing_at(keys: dict, object_shape, box) -> Optional[str]:
+    """The key of the missing object that holds `box` (a sample box lies in one object), if any."""
+    return keys.get(tuple(a // s for a, s in zip(box.start, object_shape)))
 
 
 class _Counter:

@@ -11,7 +11,7 @@ compiled kernels in a run shows here too.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -40,10 +40,11 @@ def interpolation_of(layer: Layer, override: Optional[str] = None) -> str:
 
 
 def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[Box], interpolation: str,
-              missing: Sequence[tuple[Box, str]] = (), damaged: Sequence[Mag] = ()) -> tuple[list[Finding], int]:
+              missing_at: Callable[[Box], Optional[str]] = lambda box: None, damaged: Sequence[Mag] = ()
+              ) -> tuple[list[Finding], int]:
     """Recomputes `boxes` (target-mag voxels, inside the layer's region) of `target` from
-    `source`; (findings, voxels compared). `missing`: (box, key) of the target's unstored
-    objects, named in a finding that falls in one. A box that cannot be read is a finding,
+    `source`; (findings, voxels compared). `missing_at(box)`: the key of the target's object
+    there if it is not stored, named in a finding. A box that cannot be read is a finding,
     unless its mag is among the `damaged` (whose decoding named the damage already)."""
     factor = factor_between(source.mag, target.mag)
     source_region = region_in_mag(layer.bbox, source.mag)
@@ -55,7 +56,7 @@ def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[
         sources = read_boxes(source.array, source_boxes, channels)
         stored_data = read_boxes(target.array, group, channels)
         for box, source_box, data, actual in zip(group, source_boxes, sources, stored_data):
-            where = next((key for m, key in missing if not m.intersect(box).empty), None)
+            where = missing_at(box)
             for error, mag in ((data, source.mag), (actual, target.mag)):
                 if isinstance(error, Exception) and mag not in damaged:
                     findings.append(Finding("sample", layer.name, f"reading mag {mag_name(mag)} for this sample "
