@@ -5,6 +5,7 @@ other, and no mag array on disk is left unlisted."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from beam_downsample.core.box import region_in_mag
@@ -92,6 +93,9 @@ def unlisted_mags(dataset: Dataset, layer: Layer) -> list[Finding]:
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
+    """The error's first line, without the spec and source locations tensorstore appends."""
     text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:limit]
+    line = text[0] if text else type(error).__name__
+    line = re.sub(r"\s*\[(tensorstore_spec|source locations)=.*$", "", line)
+    return line[:limit]
 
