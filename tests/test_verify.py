@@ -154,7 +154,7 @@ def test_verify_command_line_exit_status_and_lines(pyramids, capsys):
     code, out, err = lines_of(capsys, pyramids["zarr3"])
     assert code == 0
     assert out[-1].startswith("verify: ok: 2 layer(s), 6 mag(s)")
-    assert "verify: decoding:" in err and "(100%)" in err  # progress lines in a log (not a terminal)
+    assert "verify: decoding and recomputing samples: " in err and "(100%)" in err  # lines in a log (no terminal)
     process = run_cli("verify", pyramids["zarr3"], "--layer-name", "color", "--sample", "4")
     assert process.returncode == 0, process.stderr
     assert process.stdout.splitlines()[-1].startswith("verify: ok: 1 layer(s), 3 mag(s)")

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
+import dataclasses
+import threading
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorstore as ts
@@ -58,12 +60,23 @@ def verify(target: str, *, layer_name: Optional[str] = None, sample: int = DEFAU
     result = VerifyResult(target=dataset.path, seed=seed, layers=len(layers))
     context = ts.Context(arrays.context_spec(concurrency=max(available_cores(), 2) * 2))
     chains = _check_metadata(dataset, layers, context, result, progress)
-    listings = _decode(layers, chains, result, progress)
-    _recompute(layers, chains, listings, sample, seed, interpolation, result, progress)
+    listings = {layer.name: [decode.list_mag(layer, mag) for mag in chains[layer.name]] for layer in layers}
+    work = [(layer, listing) for layer in layers for listing in listings[layer.name][1:]]
+    planned = _plan_samples(layers, chains, listings, sample, seed, interpolation, result)
+    counter = _Counter(progress, sum(len(listing.objects) for _, listing in work) +
+                       sum(len(plan.boxes) for plan in planned), "verify: decoding and recomputing samples")
+    # The samples are recomputed on a second thread while this one waits for the decoding
+    # (tensorstore's threads): the numpy kernels use what the decoding leaves of the cores.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="beam-downsample-verify") as pool:
+        recomputed = pool.submit(_recompute, planned, result, counter.add)
+        _decode(work, result, counter.add)
+        findings, failed_reads = recomputed.result()
+    damaged = {(f.layer, f.mag) for f in result.findings if f.check == "decode"}
+    result.findings.extend(findings)  # (after the decoding's, in a fixed order)
+    result.findings.extend(f for mag, f in failed_reads if (f.layer, mag) not in damaged)
     if preview is not None:
         rows = [(layer, chains[layer.name]) for layer in layers]
-        total = sum(len(mags) for _, mags in rows)
-        counter = _Counter(progress, total, "verify: preview")
+        counter = _Counter(progress, sum(len(mags) for _, mags in rows), "verify: preview")
         previews.render(str(preview), rows, dataset.voxel_size, counter.add)
         result.preview = str(preview)
     return result
@@ -84,73 +97,80 @@ def _check_metadata(dataset: Dataset, layers: list[Layer], context, result: Veri
     return chains
 
 
-def _decode(layers: list[Layer], chains: dict, result: VerifyResult, progress: Progress) -> dict:
-    """Lists every mag and decodes all but the finest."""
-    listings = {}
-    work = []
-    for layer in layers:
-        for index, mag in enumerate(chains[layer.name]):
-            listing = decode.list_mag(layer, mag)
-            listings[layer.name, mag.mag] = listing
-            if index > 0:
-                work.append((layer, listing))
-    counter = _Counter(progress, sum(len(listing.objects) for _, listing in work), "verify: decoding")
+def _decode(work: list, result: VerifyResult, done: Callable[[int], None]) -> None:
+    """Decodes the listed mags (all but each layer's finest)."""
     for layer, listing in work:
-        decoded = decode.decode(listing, region_in_mag(layer.bbox, listing.mag.mag), counter.add)
+        decoded = decode.decode(listing, region_in_mag(layer.bbox, listing.mag.mag), done)
         result.findings.extend(decoded.findings)
         result.objects_decoded += decoded.objects
         result.chunks_decoded += decoded.chunks
         result.voxels_decoded += decoded.voxels
-    return listings
 
 
-def _recompute(layers: list[Layer], chains: dict, listings: dict, count: int, seed: int,
-               interpolation: Optional[str], result: VerifyResult, progress: Progress) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """The sample boxes of one mag: recomputed from `source` with `interpolation`."""
+
+    layer: Layer
+    source: metadata.MagArray
+    target: metadata.MagArray
+    interpolation: str
+    boxes: dict  # box -> why
+    missing: dict  # object cell -> key, of the target's objects that should be stored and are not
+    object_shape: tuple  # of the target's objects
+
+
+def _plan_samples(layers: list[Layer], chains: dict, listings: dict, count: int, seed: int,
+                  interpolation: Optional[str], result: VerifyResult) -> list[_Planned]:
+    """The sample boxes of every mag beyond each layer's finest (`samples`)."""
     planned = []
     for layer in layers:
-        chain = chains[layer.name]
-        result.interpolations[layer.name] = recompute.interpolation_of(layer, interpolation)
-        for source, target in zip(chain, chain[1:]):
+        used = result.interpolations[layer.name] = recompute.interpolation_of(layer, interpolation)
+        chain, listed = chains[layer.name], listings[layer.name]
+        for source, target, source_listing, target_listing in zip(chain, chain[1:], listed, listed[1:]):
             rng = np.random.default_rng([seed, zlib.crc32(layer.name.encode()), *target.mag])
             factor = factor_between(source.mag, target.mag)
             region = region_in_mag(layer.bbox, target.mag)
-            source_listing, target_listing = listings[layer.name, source.mag], listings[layer.name, target.mag]
             voxels = samples.StoredVoxels(source_listing, region_in_mag(layer.bbox, source.mag))
-            chosen = samples.choose(region, factor, voxels, count, rng)
+            boxes = dict(samples.choose(region, factor, voxels, count, rng))
             missing = samples.missing_objects(region, factor, source_listing, target_listing) if count else []
-            extra = samples.coverage(region, factor, voxels, missing, count, rng)
-            boxes = dict(chosen)
-            for box, why in extra:
+            for box, why in samples.coverage(region, factor, voxels, missing, count, rng):
                 boxes.setdefault(box, why)
             layout = target_listing.layout
-            keys = {tuple(a // s for a, s in zip(box.start, layout.object_shape)): layout.key(box.start)
-                    for box in missing}
-            planned.append((layer, source, target, boxes, functools.partial(_missing_at, keys, layout.object_shape)))
-    damaged = {(f.layer, f.mag) for f in result.findings if f.check == "decode"}
-    counter = _Counter(progress, sum(len(boxes) for *_, boxes, _ in planned), "verify: recomputing samples")
-    for layer, source, target, boxes, missing_at in planned:
-        interpolation_used = result.interpolations[layer.name]
-        result.samples.extend(Sample(layer.name, target.mag, source.mag, box, why) for box, why in boxes.items())
-        findings, compared = recompute.recompute(layer, source, target, list(boxes), interpolation_used, missing_at,
-                                                 [mag for name, mag in damaged if name == layer.name])
-        result.findings.extend(findings)
+            keys = {_cell(box, layout.object_shape): layout.key(box.start) for box in missing}
+            planned.append(_Planned(layer, source, target, used, boxes, keys, layout.object_shape))
+            result.samples.extend(Sample(layer.name, target.mag, source.mag, box, why) for box, why in boxes.items())
+    return planned
+
+
+def _recompute(planned: list[_Planned], result: VerifyResult, done: Callable[[int], None]) -> tuple[list, list]:
+    """(findings, (mag, finding) of boxes that could not be read) of the planned samples."""
+    findings, failed_reads = [], []
+    for plan in planned:
+        found, failed, compared = recompute.recompute(
+            plan.layer, plan.source, plan.target, list(plan.boxes), plan.interpolation,
+            lambda box, p=plan: p.missing.get(_cell(box, p.object_shape)))
+        findings.extend(found)
+        failed_reads.extend(failed)
         result.voxels_compared += compared
-        counter.add(len(boxes))
+        done(len(plan.boxes))
+    return findings, failed_reads
 
 
-def _missing_at(keys: dict, object_shape, box) -> Optional[str]:
-    """The key of the missing object that holds `box` (a sample box lies in one object), if any."""
-    return keys.get(tuple(a // s for a, s in zip(box.start, object_shape)))
+def _cell(box, object_shape) -> tuple:
+    """The cell of the object grid that holds `box` (a sample box lies in one object)."""
+    return tuple(a // s for a, s in zip(box.start, object_shape))
 
 
 class _Counter:
-    """Counts one phase's steps into the progress callback."""
+    """Counts one phase's steps into the progress callback (from any thread)."""
 
     def __init__(self, progress: Progress, total: int, label: str):
         self._progress, self._total, self._label, self._done = progress, total, label, 0
+        self._lock = threading.Lock()
         progress(0, total, label)
 
     def add(self, steps: int) -> None:
-        self._done += steps
-        self._progress(self._done, self._total, self._label)
-
+        with self._lock:
+            self._done += steps
+            self._progress(self._done, self._total, self._label)

@@ -40,16 +40,17 @@ def interpolation_of(layer: Layer, override: Optional[str] = None) -> str:
 
 
 def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[Box], interpolation: str,
-              missing_at: Callable[[Box], Optional[str]] = lambda box: None, damaged: Sequence[Mag] = ()
-              ) -> tuple[list[Finding], int]:
+              missing_at: Callable[[Box], Optional[str]] = lambda box: None
+              ) -> tuple[list[Finding], list[tuple[Mag, Finding]], int]:
     """Recomputes `boxes` (target-mag voxels, inside the layer's region) of `target` from
-    `source`; (findings, voxels compared). `missing_at(box)`: the key of the target's object
-    there if it is not stored, named in a finding. A box that cannot be read is a finding,
-    unless its mag is among the `damaged` (whose decoding named the damage already)."""
+    `source`; (findings, (mag, finding) of the boxes that could not be read from that mag,
+    voxels compared). `missing_at(box)`: the key of the target's object there if it is not
+    stored, named in a finding."""
     factor = factor_between(source.mag, target.mag)
     source_region = region_in_mag(layer.bbox, source.mag)
     channels = layer.num_channels
     findings: list[Finding] = []
+    failed: list[tuple[Mag, Finding]] = []
     compared = 0
     for group in _groups(boxes, factor, channels * layer.dtype.itemsize):
         source_boxes = [box.scaled_up(factor) for box in group]
@@ -58,9 +59,9 @@ def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[
         for box, source_box, data, actual in zip(group, source_boxes, sources, stored_data):
             where = missing_at(box)
             for error, mag in ((data, source.mag), (actual, target.mag)):
-                if isinstance(error, Exception) and mag not in damaged:
-                    findings.append(Finding("sample", layer.name, f"reading mag {mag_name(mag)} for this sample "
-                                            f"failed: {first_line(error)}", target.mag, box))
+                if isinstance(error, Exception):
+                    failed.append((mag, Finding("sample", layer.name, f"reading mag {mag_name(mag)} for this sample "
+                                                f"failed: {first_line(error)}", target.mag, box)))
             if isinstance(data, Exception) or isinstance(actual, Exception):
                 continue
             replicate_edges(data, source_box, source_region)
@@ -69,7 +70,7 @@ def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[
             finding = compare(layer, target.mag, source.mag, box, expected, actual, interpolation, where)
             if finding is not None:
                 findings.append(finding)
-    return findings, compared
+    return findings, failed, compared
 
 
 def compare(layer: Layer, mag: Mag, source_mag: Mag, box: Box, expected: np.ndarray, actual: np.ndarray,
