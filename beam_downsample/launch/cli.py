@@ -33,7 +33,7 @@ from beam_downsample.core.errors import PlanningError
 from beam_downsample.core.machine import limit_malloc_arenas
 from beam_downsample.core.mags import MagError, parse_mag
 from beam_downsample.kernels import reduce
-from beam_downsample.launch import runners
+from beam_downsample.launch import runners, verify_cli
 from beam_downsample import plan
 from beam_downsample.plan import refresh
 from beam_downsample.plan.pyramid import SAMPLING_MODES
@@ -95,6 +95,7 @@ flags.DEFINE_string(
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
+       beam-downsample verify TARGET [options]   (checks a pyramid; verify --help)
 
 Downsamples a WEBKNOSSOS dataset (zarr3, zarr v2, wkw) into a mag pyramid, voxel-identical to
 `webknossos downsample`, as an Apache Beam pipeline. TARGET is a directory or
@@ -140,6 +141,8 @@ def _print_help() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["verify"]:  # `beam-downsample verify TARGET ...`: its own flags
+        return verify_cli.main(argv[1:])
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
         _print_help()
         return 0
