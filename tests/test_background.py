@@ -13,8 +13,12 @@ from __future__ import annotations
 import collections
 import fractions
 import itertools
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -24,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from beam_downsample.kernels import background, compiled, reduce
+from test_reduce import _one_block
 
 REDUCTIONS = ["mode", "median", "mean", "min", "max"]
 DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64"]
@@ -226,15 +231,9 @@ def test_compiled_levels_chained_through_buffers(interpolation):
 # the definitions, by hand
 
 
-def one_block(values, factor=(2, 2, 2), dtype=np.uint32, fortran=True) -> np.ndarray:
-    """One block holding `values` in block order."""
-    fx, fy, fz = factor
-    data = np.zeros((1, fx, fy, fz), dtype=dtype)
-    for i, v in enumerate(values):
-        dz, rest = divmod(i, fx * fy)
-        dx, dy = divmod(rest, fy)
-        data[0, dx, dy, dz] = v
-    return np.asfortranarray(data) if fortran else data
+def one_block(values, factor=(2, 2, 2), dtype=np.uint32) -> np.ndarray:
+    """One block holding `values` in block order, in Fortran order (the compiled kernels run)."""
+    return np.asfortranarray(_one_block(values, factor, dtype))
 
 
 def every(values, interpolation, factor=(2, 2, 2), dtype=np.uint32) -> set:
@@ -326,6 +325,30 @@ def test_channels_have_their_own_background():
     data[0, 0, 0, 0], data[1, 1, 1, 1] = 5, 9  # channel 0 one voxel, channel 1 another
     out = reduce.downsample(np.asfortranarray(data), (2, 2, 2), "mode-nonzero")
     assert out.ravel().tolist() == [5, 9]
+
+
+_CACHE_PROBE = """
+import json, numpy as np
+from beam_downsample.kernels import compiled, reduce
+data = np.asfortranarray(np.arange(64, dtype=np.uint16).reshape(1, 4, 4, 4) % 3)
+result = reduce.downsample(data, (2, 2, 2), "mode-nonzero")
+driver = compiled.KERNELS["mode-nonzero", (2, 2, 2)]
+other = compiled.KERNELS["median-nonzero", (2, 2, 2)]
+print(json.dumps({"hits": sum(driver.stats.cache_hits.values()), "misses": sum(driver.stats.cache_misses.values()),
+                  "median_compiled": bool(other.signatures) or sum(compiled._median8nz.stats.cache_misses.values()) > 0,
+                  "result": result.ravel().tolist()}))
+"""
+
+
+def test_compiled_cache_reused_by_next_process_and_only_the_reduction_used_is_compiled(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
+    assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
+    assert not runs[0]["median_compiled"] and not runs[1]["median_compiled"]
+    data = np.asfortranarray(np.arange(64, dtype=np.uint16).reshape(1, 4, 4, 4) % 3)
+    assert runs[0]["result"] == runs[1]["result"] == oracle(data, (2, 2, 2), "mode").ravel().tolist()
 
 
 def test_unknown_reduction_named():
