@@ -371,7 +371,7 @@ def _blocks_strategy(dtypes=("uint8", "uint32", "int16", "uint64", "float32")):
         channels = draw(st.integers(1, 2))
         shape = (channels, *(o * f for o, f in zip(out, factor)))
         if dtype.kind == "f":
-            elements = st.floats(-1e30, 1e30, width=dtype.itemsize * 8)  # sums of eight stay finite
+            elements = st.floats(-(2.0**100), 2.0**100, width=dtype.itemsize * 8)  # sums of eight stay finite
         else:
             info = np.iinfo(dtype)
             elements = st.integers(int(info.min), int(info.max))

@@ -1,4 +1,5 @@
-"""Compiled median and mode for the factors real plans use (2-2-1, 2-2-2).
+"""Compiled median and mode for the factors real plans use (2-2-1, 2-2-2), and
+the reductions over non-zero voxels of `--ignore-background` (`background`).
 
 numba kernels, bit-identical to the numpy kernels in `reduce` (which stay
 the reference and cover everything else): the same block order (y fastest,
@@ -164,14 +165,20 @@ if numba is not None:
 
         return mid_uint64
 
-    @_jit
-    def _median4(v0, v1, v2, v3):
-        """`reduce._middle_pair_of_four`, then the truncated mean."""
-        return _mid(_hi(_lo(v0, v1), _lo(v2, v3)), _lo(_hi(v0, v1), _hi(v2, v3)))
+    @_jit_inline
+    def _pair4(v0, v1, v2, v3):
+        """`reduce._middle_pair_of_four`: the second and third smallest of four."""
+        return _hi(_lo(v0, v1), _lo(v2, v3)), _lo(_hi(v0, v1), _hi(v2, v3))
 
     @_jit
-    def _median8(v0, v1, v2, v3, v4, v5, v6, v7):
-        """`reduce._middle_pair_of_eight`, comparator for comparator."""
+    def _median4(v0, v1, v2, v3):
+        """The middle pair of four, then the truncated mean."""
+        low, high = _pair4(v0, v1, v2, v3)
+        return _mid(low, high)
+
+    @_jit_inline
+    def _pair8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """`reduce._middle_pair_of_eight`, comparator for comparator: the fourth and fifth smallest."""
         v0, v1 = _lo(v0, v1), _hi(v0, v1)
         v2, v3 = _lo(v2, v3), _hi(v2, v3)
         v4, v5 = _lo(v4, v5), _hi(v4, v5)
@@ -186,7 +193,13 @@ if numba is not None:
         s5 = _hi(v1, v5)
         s2 = _lo(v2, v6)
         s3 = _lo(v3, v7)
-        return _mid(_lo(s3, s5), _hi(s2, s4))
+        return _lo(s3, s5), _hi(s2, s4)
+
+    @_jit
+    def _median8(v0, v1, v2, v3, v4, v5, v6, v7):
+        """The middle pair of eight, then the truncated mean."""
+        low, high = _pair8(v0, v1, v2, v3, v4, v5, v6, v7)
+        return _mid(low, high)
 
     @_jit
     def _mode4(v0, v1, v2, v3):
@@ -337,12 +350,6 @@ if numba is not None:
     def _nan_of(a):  # pragma: no cover - compiled only
         """The standard NaN of `a`'s float type (0 for integers, never asked)."""
 
-    def _key(a):  # pragma: no cover - compiled only
-        """`background._background_last` for one value: 0 sorts after every other value."""
-
-    def _unkey(a):  # pragma: no cover - compiled only
-        """`background._from_key` for one value."""
-
     def _ends(a):  # pragma: no cover - compiled only
         """(lowest, highest) value of `a`'s type (floats: -inf, +inf)."""
 
@@ -377,25 +384,6 @@ if numba is not None:
         if isinstance(a, types.Float):
             return lambda a: kind(np.nan)
         return lambda a: kind(0)
-
-    @overload(_key, jit_options={"cache": True})
-    def _key_impl(a):
-        kind = a
-        if isinstance(a, types.Float):
-            return lambda a: kind(np.inf) if a == 0 else a
-        if a.signed:
-            top = np.iinfo(f"int{a.bitwidth}").max
-            return lambda a: kind(top) if a == 0 else (kind(a - kind(1)) if a > 0 else a)
-        return lambda a: kind(a - kind(1))
-
-    @overload(_unkey, jit_options={"cache": True})
-    def _unkey_impl(a):
-        kind = a
-        if isinstance(a, types.Float):
-            return lambda a: a
-        if a.signed:
-            return lambda a: kind(a + kind(1)) if a >= 0 else a
-        return lambda a: kind(a + kind(1))
 
     @overload(_ends, jit_options={"cache": True})
     def _ends_impl(a):
@@ -496,68 +484,61 @@ if numba is not None:
             best, count = v7, c7
         return _tidy(best if count else _zero(v0))
 
-    @_jit_inline
-    def _middle(k, lo, hi):
-        """The median of `k` sorted non-zero keys whose middle pair is (lo, hi): 0 if none."""
-        low, high = _unkey(lo), _unkey(hi)
-        result = low if k & 1 else _mid(low, high)
-        return result if k else _zero(lo)
-
     @_jit
     def _klo(a, b):
-        """The lesser of two sort keys (NaN order does not matter: a NaN's median is NaN)."""
+        """The lesser of two (NaN order does not matter: a median over a NaN is NaN)."""
         return a if a < b else b
 
     @_jit
     def _khi(a, b):
         return b if a < b else a
 
+    @_jit
+    def _spread(v, odd, bottom, top):
+        """A background voxel becomes `top`, or `bottom` after an odd number of earlier ones."""
+        return (bottom if odd else top) if v == 0 else v
+
+    @_jit_inline
+    def _middle(k, a, b, nan, zero):
+        """The median of `k` non-zero values whose middle pair is (a, b); 0 if none, NaN over a NaN."""
+        low, high = _klo(a, b), _khi(a, b)
+        result = low if k & 1 else _mid(low, high)
+        return _nan_of(zero) if nan else _tidy(result if k else zero)
+
+    # The median of a block's k non-zero values is the plain median's middle pair once
+    # its z = n - k background voxels are replaced by the type's highest and lowest value
+    # by turns, the first by the highest: floor(z/2) then sort below every value and
+    # ceil(z/2) above, so the pair sits at the non-zero values' middle (an odd k takes
+    # its lower value). The pruned networks of the plain median do the sorting.
+
     @_jit_inline
     def _median4nz(v0, v1, v2, v3):
-        """Sorts the keys of four (background last), takes the middle of the first k."""
+        bottom, top = _ends(v0)
         z = _zero(v0)
-        k = _count8(v0, v1, v2, v3, z, z, z, z)
-        s0, s1, s2, s3 = _key(v0), _key(v1), _key(v2), _key(v3)
-        s0, s1 = _klo(s0, s1), _khi(s0, s1)
-        s2, s3 = _klo(s2, s3), _khi(s2, s3)
-        s0, s2 = _klo(s0, s2), _khi(s0, s2)
-        s1, s3 = _klo(s1, s3), _khi(s1, s3)
-        s1, s2 = _klo(s1, s2), _khi(s1, s2)
-        lo = s1 if k >= 3 else s0
-        hi = s2 if k >= 4 else (s1 if k >= 2 else s0)
+        p1 = v0 == 0
+        p2 = p1 ^ (v1 == 0)
+        p3 = p2 ^ (v2 == 0)
+        a, b = _pair4(_spread(v0, False, bottom, top), _spread(v1, p1, bottom, top), _spread(v2, p2, bottom, top),
+                      _spread(v3, p3, bottom, top))
         nan = _isnan(v0) | _isnan(v1) | _isnan(v2) | _isnan(v3)
-        return _nan_of(v0) if nan else _tidy(_middle(k, lo, hi))
+        return _middle(_count8(v0, v1, v2, v3, z, z, z, z), a, b, nan, z)
 
     @_jit_inline
     def _median8nz(v0, v1, v2, v3, v4, v5, v6, v7):
-        """Sorts the keys of eight (background last; a 19-comparator network), takes the
-        middle of the first k."""
-        k = _count8(v0, v1, v2, v3, v4, v5, v6, v7)
-        s0, s1, s2, s3 = _key(v0), _key(v1), _key(v2), _key(v3)
-        s4, s5, s6, s7 = _key(v4), _key(v5), _key(v6), _key(v7)
-        s0, s2 = _klo(s0, s2), _khi(s0, s2)
-        s1, s3 = _klo(s1, s3), _khi(s1, s3)
-        s4, s6 = _klo(s4, s6), _khi(s4, s6)
-        s5, s7 = _klo(s5, s7), _khi(s5, s7)
-        s0, s4 = _klo(s0, s4), _khi(s0, s4)
-        s1, s5 = _klo(s1, s5), _khi(s1, s5)
-        s2, s6 = _klo(s2, s6), _khi(s2, s6)
-        s3, s7 = _klo(s3, s7), _khi(s3, s7)
-        s0, s1 = _klo(s0, s1), _khi(s0, s1)
-        s2, s3 = _klo(s2, s3), _khi(s2, s3)
-        s4, s5 = _klo(s4, s5), _khi(s4, s5)
-        s6, s7 = _klo(s6, s7), _khi(s6, s7)
-        s2, s4 = _klo(s2, s4), _khi(s2, s4)
-        s3, s5 = _klo(s3, s5), _khi(s3, s5)
-        s1, s4 = _klo(s1, s4), _khi(s1, s4)
-        s3, s6 = _klo(s3, s6), _khi(s3, s6)
-        s1, s2 = _klo(s1, s2), _khi(s1, s2)
-        s3, s4 = _klo(s3, s4), _khi(s3, s4)
-        lo = s3 if k >= 7 else (s2 if k >= 5 else (s1 if k >= 3 else s0))
-        hi = s4 if k >= 8 else (s3 if k >= 6 else (s2 if k >= 4 else (s1 if k >= 2 else s0)))
+        bottom, top = _ends(v0)
+        p1 = v0 == 0
+        p2 = p1 ^ (v1 == 0)
+        p3 = p2 ^ (v2 == 0)
+        p4 = p3 ^ (v3 == 0)
+        p5 = p4 ^ (v4 == 0)
+        p6 = p5 ^ (v5 == 0)
+        p7 = p6 ^ (v6 == 0)
+        a, b = _pair8(_spread(v0, False, bottom, top), _spread(v1, p1, bottom, top), _spread(v2, p2, bottom, top),
+                      _spread(v3, p3, bottom, top), _spread(v4, p4, bottom, top), _spread(v5, p5, bottom, top),
+                      _spread(v6, p6, bottom, top), _spread(v7, p7, bottom, top))
         nan = (_isnan(v0) | _isnan(v1) | _isnan(v2) | _isnan(v3) | _isnan(v4) | _isnan(v5) | _isnan(v6)
                | _isnan(v7))
-        return _nan_of(v0) if nan else _tidy(_middle(k, lo, hi))
+        return _middle(_count8(v0, v1, v2, v3, v4, v5, v6, v7), a, b, nan, _zero(v0))
 
     @_jit
     def _or_fill(v, fill):
@@ -580,7 +561,8 @@ if numba is not None:
         return _tidy(m if _count8(v0, v1, v2, v3, v4, v5, v6, v7) else _zero(v0))
 
     # Rows and drivers as for the median and mode above, one pair per factor for all
-    # five reductions; `op` picks the reduction: 0 mode, 1 median, 2 mean, 3 min, 4 max.
+    # five reductions; `op` picks the reduction: 0 mode, 1 median, 2 mean, 3 min, 4 max
+    # (`NONZERO` below).
 
     @_jit_inline
     def _cell4(op, v0, v1, v2, v3):
@@ -647,65 +629,32 @@ if numba is not None:
                     else:
                         _nonzero_row8(op, s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, nc)
 
-    # One compiled driver per reduction and factor: the constant `op` prunes the other
+    # One compiled driver per reduction and factor: the constant `op` (a closure
+    # variable, so a compile-time constant that numba's cache keys on) prunes the other
     # reductions' loops before typing (numba inlines the generic driver and row), so a
-    # process compiles or loads only the reductions it uses (a cold cache: ~1 s each).
+    # process compiles or loads only the reductions it uses.
+    NONZERO = ("mode-nonzero", "median-nonzero", "mean-nonzero", "min-nonzero", "max-nonzero")  # by op
 
-    @_jit
-    def mode_nonzero_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_221(0, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+    def _nonzero_drivers(op: int):
+        """(2-2-1 driver, 2-2-2 driver) of reduction `op`."""
 
-    @_jit
-    def median_nonzero_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_221(1, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+        @_jit
+        def at_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+            _nonzero_221(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
 
-    @_jit
-    def mean_nonzero_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_221(2, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+        @_jit
+        def at_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+            _nonzero_222(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
 
-    @_jit
-    def min_nonzero_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_221(3, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def max_nonzero_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_221(4, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def mode_nonzero_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_222(0, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def median_nonzero_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_222(1, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def mean_nonzero_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_222(2, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def min_nonzero_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_222(3, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
-
-    @_jit
-    def max_nonzero_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-        _nonzero_222(4, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+        return at_221, at_222
 
     KERNELS = {
         ("median", (2, 2, 1)): median_221,
         ("median", (2, 2, 2)): median_222,
         ("mode", (2, 2, 1)): mode_221,
         ("mode", (2, 2, 2)): mode_222,
-        ("mode-nonzero", (2, 2, 1)): mode_nonzero_221,
-        ("median-nonzero", (2, 2, 1)): median_nonzero_221,
-        ("mean-nonzero", (2, 2, 1)): mean_nonzero_221,
-        ("min-nonzero", (2, 2, 1)): min_nonzero_221,
-        ("max-nonzero", (2, 2, 1)): max_nonzero_221,
-        ("mode-nonzero", (2, 2, 2)): mode_nonzero_222,
-        ("median-nonzero", (2, 2, 2)): median_nonzero_222,
-        ("mean-nonzero", (2, 2, 2)): mean_nonzero_222,
-        ("min-nonzero", (2, 2, 2)): min_nonzero_222,
-        ("max-nonzero", (2, 2, 2)): max_nonzero_222,
     }
+    for _op, _name in enumerate(NONZERO):
+        KERNELS[_name, (2, 2, 1)], KERNELS[_name, (2, 2, 2)] = _nonzero_drivers(_op)
 else:  # pragma: no cover
     KERNELS = {}

@@ -1,7 +1,8 @@
 """Block reductions (median, mode, ...) with WEBKNOSSOS's exact rounding.
 
-Pure numpy, no Beam; `downsample` hands median and mode at 2-2-1 and 2-2-2
-to the compiled kernels of `compiled` (bit-identical, 3-10x faster), and
+Pure numpy, no Beam; `downsample` hands median and mode (and the background-aware
+reductions) at 2-2-1 and 2-2-2 to the compiled kernels of `compiled` (bit-identical,
+3-10x faster), and
 these numpy kernels do everything else and are the reference in tests. Every kernel takes an array shaped `(c, x, y, z)` and a
 per-axis factor that divides x, y and z, and returns `(c, x/fx, y/fy, z/fz)`.
 Blocks are never materialised as a reshaped copy: the kernels work on the
