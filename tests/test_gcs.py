@@ -436,5 +436,5 @@ def test_gcs_ignore_background_records_and_refuses_another_reduction(emulator, l
     result = run_cli(url, "--bbox", "40,30,20,50,40,20")
     assert result.returncode == 2
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "was made with mode over non-zero voxels" in lines[0], lines
+    assert len(lines) == 1 and "mag 2-2-1 was made with median over non-zero voxels" in lines[0], lines  # color first
     assert download("nonzero") == remote
