@@ -81,6 +81,12 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "interpolation", None, reduce.INTERPOLATIONS,
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "ignore-background", False,
+    "Reduce each block over its non-zero voxels only (0 is background; a block without any gives 0): thin "
+    "objects stay in the coarse mags and zero margins do not darken color. For mode, median, mean, min and max "
+    "(nearest is unchanged); with --layer-name for that layer only. Not what webknossos downsample writes; a later "
+    "--bbox refresh must use it too (recorded in LAYER/beam-downsample.json).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
@@ -185,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
             interpolation=_flag_value("interpolation"),
+            ignore_background=_flag_value("ignore-background"),
             memory_budget=sized.budget if sized else (given_budget or sizing.FLOOR_BUDGET),
             jobs=sized.processes if sized else (jobs or machine.available_cores()),
             worker_memory=engine.worker_memory,
