@@ -295,6 +295,26 @@ def test_the_interpolation_a_pyramid_was_made_with_can_be_given(tmp_path, segmen
     assert result.ok and result.interpolations == {"color": "max"}
 
 
+def test_a_pyramid_made_with_ignore_background_is_checked_with_its_recorded_reduction(tmp_path, segmentation):
+    """A run with --ignore-background records its reduction (LAYER/beam-downsample.json); verify
+    recomputes those mags with it. Without the record the same mags are wrong for a plain mode."""
+    path = tmp_path / "ds"
+    crop = segmentation[200:328, 380:508, 100:140]  # 97 ids
+    sparse = np.where(np.isin(crop, np.unique(crop)[::3]), crop, 0)  # a third of them, the rest background
+    demo.write_dataset(str(path), [{"name": "segmentation", "category": "segmentation",
+                                    "data": np.ascontiguousarray(sparse)}], VOXEL_SIZE)
+    downsample(path, "--ignore-background")
+    result = verify(str(path), sample=64)
+    assert result.ok, [f.line() for f in result.findings]
+    assert set(result.interpolations.values()) >= {"mode-nonzero"}
+    (path / "segmentation" / "beam-downsample.json").unlink()
+    mismatches = verify(str(path), sample=64).findings
+    assert mismatches and all(f.check == "sample" and "reduced with mode;" in f.message for f in mismatches)
+    (path / "segmentation" / "beam-downsample.json").write_text("{not json")
+    findings = verify(str(path), sample=0).findings
+    assert [f.check for f in findings] == ["record"] and "beam-downsample.json" in findings[0].message
+
+
 def test_ngff_metadata_out_of_step_fails(copy_of):
     path = copy_of("zarr3")
     group = path / "color" / "zarr.json"

@@ -21,12 +21,12 @@ import tensorstore as ts
 
 from beam_downsample.core.box import region_in_mag
 from beam_downsample.core.machine import available_cores
-from beam_downsample.core.mags import factor_between
+from beam_downsample.core.mags import factor_between, mag_name
 from beam_downsample.kernels import reduce
-from beam_downsample.store import arrays
-from beam_downsample.store.properties import Dataset, Layer, load_dataset
+from beam_downsample.store import arrays, reductions
+from beam_downsample.store.properties import Dataset, DatasetError, Layer, load_dataset
 from beam_downsample.verify import decode, metadata, ngff, preview as previews, recompute, samples
-from beam_downsample.verify.result import Progress, Sample, VerifyResult, no_progress
+from beam_downsample.verify.result import Finding, Progress, Sample, VerifyResult, no_progress
 
 DEFAULT_SAMPLE = 32  # boxes per mag
 
@@ -62,7 +62,8 @@ def verify(target: str, *, layer_name: Optional[str] = None, sample: int = DEFAU
     chains = _check_metadata(dataset, layers, context, result, progress)
     listings = {layer.name: [decode.list_mag(layer, mag) for mag in chains[layer.name]] for layer in layers}
     work = [(layer, listing) for layer in layers for listing in listings[layer.name][1:]]
-    planned = _plan_samples(layers, chains, listings, sample, seed, interpolation, result)
+    recorded = _recorded_reductions(dataset, layers, result)
+    planned = _plan_samples(layers, chains, listings, sample, seed, interpolation, recorded, result)
     counter = _Counter(progress, sum(len(listing.objects) for _, listing in work) +
                        sum(len(plan.boxes) for plan in planned), "verify: decoding and recomputing samples")
     # The samples are recomputed on a second thread while this one waits for the decoding
@@ -120,14 +121,32 @@ class _Planned:
     object_shape: tuple  # of the target's objects
 
 
+def _recorded_reductions(dataset: Dataset, layers: list[Layer], result: VerifyResult) -> dict:
+    """Per layer the reductions recorded for its mags (`store.reductions`); an unreadable
+    record is a finding, and its mags are checked as plain ones."""
+    recorded = {}
+    for layer in layers:
+        try:
+            recorded[layer.name] = reductions.read(dataset.path, layer.name)
+        except DatasetError as error:
+            result.findings.append(Finding("record", layer.name, str(error)))
+            recorded[layer.name] = {}
+    return recorded
+
+
 def _plan_samples(layers: list[Layer], chains: dict, listings: dict, count: int, seed: int,
-                  interpolation: Optional[str], result: VerifyResult) -> list[_Planned]:
-    """The sample boxes of every mag beyond each layer's finest (`samples`)."""
+                  interpolation: Optional[str], recorded: dict, result: VerifyResult) -> list[_Planned]:
+    """The sample boxes of every mag beyond each layer's finest (`samples`), each mag
+    recomputed with the reduction that made it (`recompute.interpolation_of`)."""
     planned = []
     for layer in layers:
-        used = result.interpolations[layer.name] = recompute.interpolation_of(layer, interpolation)
+        result.interpolations[layer.name] = recompute.interpolation_of(layer, interpolation)
         chain, listed = chains[layer.name], listings[layer.name]
         for source, target, source_listing, target_listing in zip(chain, chain[1:], listed, listed[1:]):
+            used = recompute.interpolation_of(layer, interpolation,
+                                              reductions.reduction_of(recorded[layer.name], target.mag))
+            if used != result.interpolations[layer.name]:
+                result.interpolations[f"{layer.name} {mag_name(target.mag)}"] = used
             rng = np.random.default_rng([seed, zlib.crc32(layer.name.encode()), *target.mag])
             factor = factor_between(source.mag, target.mag)
             region = region_in_mag(layer.bbox, target.mag)

@@ -19,7 +19,7 @@ import tensorstore as ts
 from beam_downsample.core.box import Box, region_in_mag
 from beam_downsample.core.mags import Mag, factor_between, mag_name
 from beam_downsample.kernels import reduce
-from beam_downsample.store import arrays, wkw_io
+from beam_downsample.store import arrays, reductions, wkw_io
 from beam_downsample.store.properties import Layer
 from beam_downsample.transforms.work import replicate_edges
 from beam_downsample.verify.metadata import MagArray, first_line
@@ -28,15 +28,17 @@ from beam_downsample.verify.result import Finding
 GROUP_BYTES = 256 << 20  # source bytes read in one batch
 
 
-def interpolation_of(layer: Layer, override: Optional[str] = None) -> str:
-    """The reduction a layer's mags were made with: `--interpolation` if given, else the
-    layer's default (color: median, segmentation: mode).
-
-    Hook (issue 18, `--ignore-background`): a run that records its reduction in the
-    layer's state makes that record the default here, so verify checks a pyramid with the
-    reduction that made it; read it here, before the category's default.
-    """
-    return override or reduce.DEFAULT_INTERPOLATION[layer.category]
+def interpolation_of(layer: Layer, override: Optional[str] = None,
+                     made_by: reductions.Reduction = reductions.PLAIN) -> str:
+    """The kernel a mag is recomputed with: `--interpolation` if given; else the reduction
+    recorded for the mag (`made_by`: a run with `--ignore-background` records it in
+    `LAYER/beam-downsample.json`, e.g. `mode-nonzero`); else the layer's default
+    (color: median, segmentation: mode)."""
+    if override:
+        return override
+    if made_by.ignore_background and made_by.interpolation:
+        return reduce.reduction(made_by.interpolation, True)
+    return reduce.DEFAULT_INTERPOLATION[layer.category]
 
 
 def recompute(layer: Layer, source: MagArray, target: MagArray, boxes: Sequence[Box], interpolation: str,

@@ -20,7 +20,7 @@ def no_progress(done: int, total: int, label: str) -> None:  # pylint: disable=u
 class Finding:
     """One problem: which check found it, where (layer, mag, box in the mag's voxels), and what."""
 
-    check: str  # "metadata", "ngff", "decode" or "sample"
+    check: str  # "metadata", "ngff", "record", "decode" or "sample"
     layer: str
     message: str
     mag: Optional[Mag] = None
