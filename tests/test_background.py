@@ -425,7 +425,14 @@ def test_property_without_the_option_nothing_changes(case, interpolation):
     name = reduce.reduction(interpolation, False)
     assert name == interpolation
     result = reduce.downsample(data, factor, name)
-    assert result.tobytes() == reference(data, factor, interpolation).astype(data.dtype).tobytes()
+    expected = reference(data, factor, interpolation).astype(data.dtype)
+    # Equal values, equal bytes, except that -0.0 and 0.0 compare equal: which of them a median of
+    # a block holding both returns depends on the sort's order of equal keys (hypothesis found
+    # [-0, 0, -0, -0]), so floats compare by value, NaN equal to NaN.
+    if data.dtype.kind == "f":
+        np.testing.assert_array_equal(result, expected)
+    else:
+        assert result.tobytes() == expected.tobytes()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
