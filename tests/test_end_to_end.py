@@ -69,11 +69,12 @@ def ref_reduce(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
     raise AssertionError(interpolation)
 
 
-def reference_pyramid(source, source_mag, top_left, size, targets, interpolation):
+def reference_pyramid(source, source_mag, top_left, size, targets, interpolation, reduce=None):
     """mag -> (region start, data covering exactly the aligned region), chained level by level.
 
     The previous level's valid region is edge-replicated out to the block grid
-    of the next one (no zeros from outside the bounding box are mixed in)."""
+    of the next one (no zeros from outside the bounding box are mixed in).
+    `reduce(data, factor, interpolation)`: the block reduction (default `ref_reduce`)."""
     result = {}
     previous, previous_mag = source, source_mag
     previous_start, previous_stop = region(top_left, size, source_mag)
@@ -86,7 +87,7 @@ def reference_pyramid(source, source_mag, top_left, size, targets, interpolation
         pad = [(0, 0)] + [(ps - lo, hi - pe) for ps, pe, lo, hi in zip(previous_start, previous_stop, low, high)]
         assert all(a >= 0 and b >= 0 for a, b in pad)
         padded = np.pad(previous, pad, mode="edge")
-        reduced = ref_reduce(padded, factor, interpolation)
+        reduced = (reduce or ref_reduce)(padded, factor, interpolation)
         assert reduced.shape[1:] == tuple(b - a for a, b in zip(start, stop))
         result[mag] = (start, reduced)
         previous, previous_mag, previous_start, previous_stop = reduced, mag, start, stop

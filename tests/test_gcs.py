@@ -396,3 +396,23 @@ def test_planning_requests_grow_with_the_data_not_the_box(emulator, tmp_path):
         proxy.shutdown()
     assert totals[0] == totals[1] and totals[0] < 100, totals
     assert plans[0][0].split(" of ")[0] == plans[1][0].split(" of ")[0], plans
+
+
+def test_gcs_ignore_background_records_and_refuses_another_reduction(emulator, local_dataset, tmp_path):
+    """--ignore-background on gs://: the same bytes as a local run, the record included; a
+    --bbox refresh without the option is refused in one line and writes nothing."""
+    local = tmp_path / "local" / "ds"
+    shutil.copytree(local_dataset, local)
+    assert run_cli(local, "--distribution-strategy", "sequential", "--ignore-background").returncode == 0
+    url = upload(local_dataset, "nonzero")
+    result = run_cli(url, "--distribution-strategy", "sequential", "--ignore-background")
+    assert result.returncode == 0, result.stderr
+    remote, expected = download("nonzero"), tree_bytes(local)
+    assert sorted(remote) == sorted(expected)
+    assert "segmentation/beam-downsample.json" in remote
+    assert all(remote[name] == expected[name] for name in expected)
+    result = run_cli(url, "--bbox", "40,30,20,50,40,20")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "mag 2-2-1 was made with median over non-zero voxels" in lines[0], lines  # color first
+    assert download("nonzero") == remote

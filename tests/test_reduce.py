@@ -216,7 +216,7 @@ def test_mean_matches_reference(dtype, factor, kind):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("factor", [(2, 2, 2), (2, 2, 1), (4, 2, 1)], ids=lambda f: "x".join(map(str, f)))
 def test_mean_bit_identical_to_tensorstore(dtype, factor):
-    """The README promises tensorstore's rounding: checked against its downsample driver."""
+    """The docs promise tensorstore's rounding for mean: checked against its downsample driver."""
     import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
     data = make(dtype, factor, "wide", seed=11)

@@ -1,7 +1,7 @@
 """Robustness: kill -9 and rerun, retried/duplicated work units, layer locks,
 leftovers of crashed runs, corrupt input and an unwritable target.
 
-The README's promises under "Crashes and reruns" are what is checked here:
+The promises of docs/reliability.md under "Crashes and reruns" are what is checked here:
 a rerun after a crash is byte-identical to an uninterrupted run, a mag is
 listed only once its data is complete, a unit run twice (even concurrently)
 writes the same bytes, one run at a time per layer, and problems end with a

@@ -86,8 +86,9 @@ def window_of(offset, shape, margin=2):
     return start, stop
 
 
-def check_sparse(path, layers, data_format):
-    """Every mag around every block equals the dense numpy pyramid of that block's window."""
+def check_sparse(path, layers, data_format, reduce=None):
+    """Every mag around every block equals the dense numpy pyramid of that block's window
+    (`reduce`: the block reduction of `reference_pyramid`)."""
     for spec in layers:
         interpolation = "mode" if spec["category"] == "segmentation" else "median"
         for offset, data in spec["blocks"]:
@@ -95,7 +96,7 @@ def check_sparse(path, layers, data_format):
             dense = np.zeros([b - a for a, b in zip(start, stop)], dtype=data.dtype)
             dense[tuple(slice(o - a, o - a + s) for o, a, s in zip(offset, start, data.shape))] = data
             size = [b - a for a, b in zip(start, stop)]
-            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation)
+            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation, reduce)
             for mag, (low, expected) in pyramid.items():
                 high = [a + s for a, s in zip(low, expected.shape[1:])]
                 got = read_window(str(path), spec["name"], mag, data_format, low, high)

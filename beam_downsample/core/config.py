@@ -7,6 +7,7 @@ import dataclasses
 
 from beam_downsample.core.box import Box
 from beam_downsample.core.mags import Mag
+from beam_downsample.kernels.background import reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +37,9 @@ class PassConfig:
     tile_voxels: int = 16 << 20
     refresh: bool = False  # a `--bbox` refresh: units over empty source run too, to clear what was there
     compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)
+    ignore_background: bool = False  # reduce each block's non-zero voxels only (`--ignore-background`)
+
+    @property
+    def reduction(self) -> str:
+        """The kernels' name of the pass's reduction: the interpolation, or e.g. `mode-nonzero`."""
+        return reduction(self.interpolation, self.ignore_background)

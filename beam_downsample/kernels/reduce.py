@@ -1,12 +1,15 @@
 """Block reductions (median, mode, ...) with WEBKNOSSOS's exact rounding.
 
-Pure numpy, no Beam; `downsample` hands median and mode at 2-2-1 and 2-2-2
-to the compiled kernels of `compiled` (bit-identical, 3-10x faster), and
+Pure numpy, no Beam; `downsample` hands median and mode (and the background-aware
+reductions) at 2-2-1 and 2-2-2 to the compiled kernels of `compiled` (bit-identical,
+3-10x faster), and
 these numpy kernels do everything else and are the reference in tests. Every kernel takes an array shaped `(c, x, y, z)` and a
 per-axis factor that divides x, y and z, and returns `(c, x/fx, y/fy, z/fz)`.
 Blocks are never materialised as a reshaped copy: the kernels work on the
 `fx*fy*fz` strided views of the input, ordered the way the reference walks a
 block (y fastest, then x, then z), which is what the mode's tie-break needs.
+The reductions over non-zero voxels (`--ignore-background`) are `background`'s,
+named here `<interpolation>-nonzero` (`reduction`).
 """
 
 from __future__ import annotations
@@ -18,53 +21,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from beam_downsample.kernels import background
+from beam_downsample.kernels.blocks import block_views, integer_mean_half_even, mean_of_two_truncated, mode_by
+
 INTERPOLATIONS = ("median", "mode", "mean", "min", "max", "nearest")
 DEFAULT_INTERPOLATION = {"color": "median", "segmentation": "mode"}
 
 
-def block_views(data: np.ndarray, factor: Sequence[int]) -> list[np.ndarray]:
-    """The block's voxels as strided views, in block order `dy + fy*dx + fx*fy*dz`."""
-    fx, fy, fz = factor
-    if data.ndim != 4:
-        raise ValueError(f"expected a (c, x, y, z) array, got shape {data.shape}")
-    if any(s % f for s, f in zip(data.shape[1:], factor)):
-        raise ValueError(f"shape {data.shape[1:]} is not a multiple of factor {tuple(factor)}")
-    return [
-        data[:, dx::fx, dy::fy, dz::fz]
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
-
-
 # --------------------------------------------------------------------------
 # median
-
-
-def _mean_of_two_truncated(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`(a + b) / 2` truncated toward zero, as the reference's float computation
-    gives for every integer it can represent; floats as numpy's mean of the pair.
-
-    Integers use exact integer arithmetic (no overflow, no float64 rounding),
-    so 64-bit values above 2**53 come out exact: the floor of the mean is
-    `(a >> 1) + (b >> 1) + (a & b & 1)`, and a negative odd sum rounds up
-    to truncate toward zero (measured against the reference for int8/int16).
-
-    Floats: `(0 + a + b) / 2` in the dtype's own precision, which is how the
-    reference's numpy median averages the middle pair (tests/golden): a zero
-    mean is +0.0 whatever the zeros' signs, and a float32 sum above the
-    largest float32 is inf.
-    """
-    if dtype.kind == "f":
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = a + dtype.type(0)
-            total += b
-            total /= dtype.type(2)
-        return total
-    floor = (a >> 1) + (b >> 1) + (a & b & 1)
-    if dtype.kind == "u":
-        return floor
-    return floor + ((a ^ b) & 1 & (floor < 0))
 
 
 def _middle_pair_of_four(v: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +80,7 @@ def median(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
         low, high = part[n // 2 - 1], part[n // 2]
     if n % 2:  # unreachable for powers of two, kept for odd factors
         raise AssertionError
-    result = _mean_of_two_truncated(low, high, data.dtype)
+    result = mean_of_two_truncated(low, high, data.dtype)
     if data.dtype.kind == "f":
         median_nans(data, factor, result)
     return result
@@ -167,45 +132,8 @@ def _mode_of_views(views: list[np.ndarray]) -> np.ndarray:
 
 
 def mode(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
-    """Mode per block (zero is an ordinary label).
-
-    Segmentations are mostly uniform blocks; those are answered by one
-    comparison chain and only mixed blocks go through the pairwise count.
-    """
-    views = block_views(data, factor)
-    n = len(views)
-    if n == 1:
-        return views[0].copy(order="K")
-    first = views[0]
-    uniform = first == views[1]
-    for view in views[2:]:
-        uniform &= first == view
-    result = first.copy(order="K")
-    order = "F" if uniform.flags.f_contiguous and not uniform.flags.c_contiguous else "C"
-    mixed = np.flatnonzero(np.ravel(~uniform, order=order))
-    if mixed.size == 0:
-        return result
-    if mixed.size > uniform.size // 2 or not (data.flags.c_contiguous or data.flags.f_contiguous):
-        return _mode_of_views(views)
-    # Gather only the mixed blocks, straight from the input's memory.
-    coords = np.unravel_index(mixed, uniform.shape, order=order)
-    strides = [stride // data.itemsize for stride in data.strides]
-    base = coords[0] * strides[0]
-    for axis, f in enumerate(factor, start=1):
-        base += coords[axis] * (f * strides[axis])
-    flat = np.ravel(data, order="K")  # a view: data is contiguous
-    fx, fy, fz = factor
-    gathered = [
-        flat.take(base + (dx * strides[1] + dy * strides[2] + dz * strides[3]))
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
-    flat_result = np.ravel(result, order=order)
-    if not np.shares_memory(flat_result, result):  # pragma: no cover - layouts differ
-        return _mode_of_views(views)
-    flat_result[mixed] = _mode_of_views(gathered)
-    return result
+    """Mode per block (zero is an ordinary label); uniform blocks are answered at once (`blocks.mode_by`)."""
+    return mode_by(data, factor, _mode_of_views)
 
 
 # --------------------------------------------------------------------------
@@ -253,32 +181,7 @@ def mean(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
                         total += data[:, dx::fx, dy::fy, dz::fz]
         total /= data.dtype.type(n)
         return total
-    if data.dtype.itemsize == 8:
-        return _integer_mean_half_even(views)
-    total = views[0].astype(np.float64)
-    for view in views[1:]:
-        total += view
-    total /= n
-    np.rint(total, out=total)
-    return total.astype(data.dtype)
-
-
-def _integer_mean_half_even(views: list[np.ndarray]) -> np.ndarray:
-    """Exact mean of 64-bit integers (float64 would lose digits above 2**53):
-    each value is split into `q * n + r` so the sum never overflows."""
-    dtype = views[0].dtype
-    n = dtype.type(len(views))
-    quotient = views[0] // n
-    remainder = (views[0] % n).astype(np.int64)
-    for view in views[1:]:
-        quotient += view // n
-        remainder += (view % n).astype(np.int64)
-    quotient += (remainder // len(views)).astype(dtype)
-    remainder %= len(views)
-    twice = 2 * remainder
-    round_up = (twice > len(views)) | ((twice == len(views)) & (quotient % dtype.type(2) == 1))
-    quotient += round_up.astype(dtype)
-    return quotient
+    return integer_mean_half_even(views, n)
 
 
 KERNELS: dict[str, Callable[[np.ndarray, Sequence[int]], np.ndarray]] = {
@@ -288,13 +191,15 @@ KERNELS: dict[str, Callable[[np.ndarray, Sequence[int]], np.ndarray]] = {
     "min": minimum,
     "max": maximum,
     "nearest": nearest,
+    **background.KERNELS,  # `--ignore-background`: mode-nonzero, median-nonzero, ...
 }
+reduction = background.reduction  # (interpolation, ignore_background) -> the name of its kernel
 
 
 def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> np.ndarray:
     """Reduces `data` by `factor` with the named interpolation."""
     kernel = _kernel(interpolation)
-    if tuple(factor) == (1, 1, 1):
+    if tuple(factor) == (1, 1, 1) and interpolation in INTERPOLATIONS:  # (the background-aware ones tidy floats)
         return data.copy(order="K")
     fast = _compiled()
     if fast is not None and fast.available(data, factor, interpolation) and fast.ready(data, factor, interpolation):
@@ -332,7 +237,8 @@ def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_
             return
     source = _box_index(src_at, shape, factor)
     target = _box_index(dst_at, shape)
-    dst[target] = src[source].copy(order="K") if tuple(factor) == (1, 1, 1) else kernel(src[source], factor)
+    copy = tuple(factor) == (1, 1, 1) and interpolation in INTERPOLATIONS
+    dst[target] = src[source].copy(order="K") if copy else kernel(src[source], factor)
 
 
 def _box_index(at: Sequence[int], shape: Sequence[int], factor: Sequence[int] = (1, 1, 1)) -> tuple:

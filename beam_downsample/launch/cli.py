@@ -34,7 +34,7 @@ from beam_downsample.core.errors import PlanningError
 from beam_downsample.core.machine import limit_malloc_arenas
 from beam_downsample.core.mags import MagError, parse_mag
 from beam_downsample.kernels import reduce
-from beam_downsample.launch import exiting, runners
+from beam_downsample.launch import exiting, runners, verify_cli
 from beam_downsample import plan
 from beam_downsample.plan import refresh
 from beam_downsample.plan.pyramid import SAMPLING_MODES
@@ -82,6 +82,12 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "interpolation", None, reduce.INTERPOLATIONS,
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "ignore-background", False,
+    "Reduce each block over its non-zero voxels only (0 is background; a block without any gives 0): thin "
+    "objects stay in the coarse mags and zero margins do not darken color. For mode, median, mean, min and max "
+    "(nearest is unchanged); with --layer-name for that layer only. Not what webknossos downsample writes; a later "
+    "--bbox refresh must use it too (recorded in LAYER/beam-downsample.json).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
@@ -96,6 +102,7 @@ flags.DEFINE_string(
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
+       beam-downsample verify TARGET [options]   (checks a pyramid; verify --help)
 
 Downsamples a WEBKNOSSOS dataset (zarr3, zarr v2, wkw) into a mag pyramid, voxel-identical to
 `webknossos downsample`, as an Apache Beam pipeline. TARGET is a directory or
@@ -144,6 +151,8 @@ def _print_help() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["verify"]:  # `beam-downsample verify TARGET ...`: its own flags
+        return verify_cli.main(argv[1:])
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
         _print_help()
         return 0
@@ -186,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
             interpolation=_flag_value("interpolation"),
+            ignore_background=_flag_value("ignore-background"),
             memory_budget=sized.budget if sized else (given_budget or sizing.FLOOR_BUDGET),
             jobs=sized.processes if sized else (jobs or machine.available_cores()),
             worker_memory=engine.worker_memory,

@@ -26,7 +26,7 @@ from beam_downsample.plan.units import units_work
 from beam_downsample.run import supervise
 from beam_downsample.state import markers
 from beam_downsample.state.progress import Progress
-from beam_downsample.store import arrays, storage, wkw_io
+from beam_downsample.store import arrays, reductions, storage, wkw_io
 from beam_downsample.store.properties import Dataset, load_dataset, update_properties, with_new_mags
 from beam_downsample.transforms import seeds
 from beam_downsample.transforms.downsample import DownsamplePass
@@ -177,6 +177,9 @@ def run_job(
                 storage.join_inside(dataset.path, plan.layer.name), plan.layer, dataset.voxel_size, dataset.unit,
                 listed,
             )
+        for plan, config in zip(active, configs):  # how they were made, for a later --bbox (before they are listed)
+            reductions.write(dataset.path, plan.layer.name, plan.passes[index].target_mags,
+                             reductions.Reduction.of(config.interpolation, config.ignore_background))
         # Applied to the current properties: another layer's run may have listed its mags.
         update_properties(dataset.path, functools.partial(_with_pass_mags, active, index))
     for plan in plans:  # every marker of these layers, from this plan or an interrupted other one

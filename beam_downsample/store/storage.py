@@ -190,6 +190,12 @@ class _Local:
         return os.listdir(directory) if os.path.isdir(directory) else []
 
     @staticmethod
+    def list_subdirectories(directory: str) -> list[str]:
+        if not os.path.isdir(directory):
+            return []
+        return [entry.name for entry in os.scandir(directory) if entry.is_dir()]
+
+    @staticmethod
     def delete(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -307,6 +313,14 @@ class _Gcs:
         return [blob.name[len(prefix):] for blob in blobs]
 
     @staticmethod
+    def list_subdirectories(directory: str) -> list[str]:
+        """The 'subdirectories' (common prefixes) directly under `directory`."""
+        bucket, key = split_gcs(directory)
+        prefix = f"{key}/" if key else ""
+        pages = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/").pages
+        return [name[len(prefix):].rstrip("/") for page in pages for name in page.prefixes]
+
+    @staticmethod
     def delete(url: str) -> None:
         with contextlib.suppress(_gcs_errors().NotFound):
             _blob(url).delete()
@@ -383,6 +397,11 @@ def exists(path: str) -> bool:
 def list_names(directory: str) -> list[str]:
     """Names of the files in `directory` ([] if there is none)."""
     return _backend(directory).list_names(directory)
+
+
+def list_subdirectories(directory: str) -> list[str]:
+    """Names of the directories in `directory` ([] if there is none)."""
+    return _backend(directory).list_subdirectories(directory)
 
 
 def delete(path: str) -> None:
