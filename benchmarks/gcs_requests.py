@@ -113,11 +113,15 @@ def role(name: str, prefix: str) -> str:
     return name or "bucket"
 
 
-def make_proxy(upstream: dict, counter: Counter, prefix_of, delay: dict | None = None):
+def make_proxy(upstream: dict, counter: Counter, prefix_of, delay: dict | None = None, alter=None):
     """A threaded HTTP proxy to `upstream["url"]` (set once the emulator runs) that counts every request.
 
     `delay["seconds"]` (changeable between runs) is slept before each request is forwarded: an object
     store's time to first byte (GCS in-region: tens of ms), so that requests made one after another show.
+
+    `alter(method, path, request_headers, status, body)`, if given, may change a response: it
+    returns the body, or (status, body) (tests/test_faults.py cuts object reads short and refuses
+    writes); the Content-Length follows the body.
     """
     delay = {"seconds": 0.0} if delay is None else delay
 
@@ -145,7 +149,12 @@ def make_proxy(upstream: dict, counter: Counter, prefix_of, delay: dict | None =
             connection.request(self.command, self.path, body=body or None, headers=headers)
             response = connection.getresponse()
             data = response.read()
-            self.send_response(response.status, response.reason)
+            status, reason = response.status, response.reason
+            if alter is not None:
+                data = alter(self.command, self.path, self.headers, status, data)
+                if isinstance(data, tuple):
+                    (status, data), reason = data, None
+            self.send_response(status, reason)
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                     self.send_header(key, value)

@@ -87,8 +87,9 @@ def window_of(offset, shape, margin=2):
     return start, stop
 
 
-def check_sparse(path, layers, data_format):
-    """Every mag around every block equals the dense numpy pyramid of that block's window."""
+def check_sparse(path, layers, data_format, reduce=None):
+    """Every mag around every block equals the dense numpy pyramid of that block's window
+    (`reduce`: the block reduction of `reference_pyramid`)."""
     for spec in layers:
         interpolation = "mode" if spec["category"] == "segmentation" else "median"
         for offset, data in spec["blocks"]:
@@ -96,7 +97,7 @@ def check_sparse(path, layers, data_format):
             dense = np.zeros([b - a for a, b in zip(start, stop)], dtype=data.dtype)
             dense[tuple(slice(o - a, o - a + s) for o, a, s in zip(offset, start, data.shape))] = data
             size = [b - a for a, b in zip(start, stop)]
-            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation)
+            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation, reduce)
             for mag, (low, expected) in pyramid.items():
                 high = [a + s for a, s in zip(low, expected.shape[1:])]
                 got = read_window(str(path), spec["name"], mag, data_format, low, high)
@@ -337,19 +338,31 @@ def test_sparse_zarr2(segmentation, tmp_path, data_format):
                 assert chunk.any(), (spec["name"], mag, key)
 
 
-def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path):
+def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path, capsys):
+    """kill -9 once the first unit is done: the kill lands mid-run (the launcher dies of it, a
+    pass has done and undone units, its mags are not listed), and the rerun resumes from the
+    markers (it says so) to the bytes of an uninterrupted run."""
     path = tmp_path / "ds"
     shutil.copytree(sparse_base[0], path)
     args = (path, "--distribution-strategy", "sequential", "--coarsest-mag", "16-16-8", "--memory-budget", "256M")
     proc = start_cli(tmp_path / "logs", "first", *args)
 
-    def some_done():
-        return any(n.endswith(".done") for d in glob.glob(str(path / ".beam-downsample" / "*" / "*"))
-                   if os.path.isdir(d) for n in os.listdir(d))
+    def done_markers():
+        return [n for d in glob.glob(str(path / ".beam-downsample" / "*" / "*")) if os.path.isdir(d)
+                for n in os.listdir(d) if n.endswith(".done")]
 
-    assert wait_until(some_done, proc, timeout=240), outputs(proc)
+    assert wait_until(done_markers, proc, timeout=240), outputs(proc)
     kill_group(proc)
+    assert proc.returncode == -9, outputs(proc)  # killed, not finished
+    done = len(done_markers())
+    listed = {layer["name"]: len(layer["mags"]) for layer in read_properties(path)["dataLayers"]}
+    assert listed != {layer["name"]: len(layer["mags"]) for layer in read_properties(sparse_done)["dataLayers"]}
+    capsys.readouterr()
     assert run(*args) == 0
+    resumed = re.findall(r"resuming: (\d+) of (\d+) work units of pass \d+ already done", capsys.readouterr().err)
+    assert resumed, "the rerun did not resume"
+    assert 0 < sum(int(a) for a, _ in resumed) < sum(int(b) for _, b in resumed)  # some, not all, were done
+    assert sum(int(a) for a, _ in resumed) >= done
     digest = {k: v for k, v in tree_digest(path).items()}
     clean = {k: v for k, v in tree_digest(sparse_done).items()}
     assert digest == clean

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from test_resilience import copy_dataset, write_real_dataset
 
-from conftest import tree_digest
+from conftest import require_module, tree_digest
 from resilience_helpers import live_group_members, outputs, run_cli_pinned, start_cli, wait_until
 
 STATE_DIR = ".beam-downsample"
@@ -147,7 +147,7 @@ def test_unit_that_keeps_killing_its_worker_is_named_and_rerun_resumes(base, cle
 
 
 def test_dask_worker_killed_mid_pass_run_finishes_identical(base, clean, tmp_path):
-    pytest.importorskip("distributed")
+    require_module("distributed")
     dataset = copy_dataset(base, tmp_path / "ds")
     proc = start_cli(tmp_path / "logs", "dask", dataset, *ARGS, "--distribution-strategy", "dask")
     state, killed_at = kill_a_running_worker(dataset, proc)

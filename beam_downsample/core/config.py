@@ -7,6 +7,7 @@ import dataclasses
 
 from beam_downsample.core.box import Box
 from beam_downsample.core.mags import Mag
+from beam_downsample.kernels.background import reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,3 +40,9 @@ class PassConfig:
     # > 0: the source is remote; a unit fetches its encoded chunks in boxes of at most this many raw
     # bytes, each in one round of requests (store.prefetch), and decodes them from memory
     prefetch_bytes: int = 0
+    ignore_background: bool = False  # reduce each block's non-zero voxels only (`--ignore-background`)
+
+    @property
+    def reduction(self) -> str:
+        """The kernels' name of the pass's reduction: the interpolation, or e.g. `mode-nonzero`."""
+        return reduction(self.interpolation, self.ignore_background)

@@ -16,6 +16,7 @@ gc.disable()
 
 import logging  # noqa: E402 pylint: disable=wrong-import-position
 import math
+import os
 import re
 import sys
 import time
@@ -33,7 +34,7 @@ from beam_downsample.core.errors import PlanningError
 from beam_downsample.core.machine import limit_malloc_arenas
 from beam_downsample.core.mags import MagError, parse_mag
 from beam_downsample.kernels import reduce
-from beam_downsample.launch import runners
+from beam_downsample.launch import exiting, runners, verify_cli
 from beam_downsample import plan
 from beam_downsample.plan import cost, refresh
 from beam_downsample.plan.pyramid import SAMPLING_MODES
@@ -81,6 +82,12 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "interpolation", None, reduce.INTERPOLATIONS,
     "Override the per-category default (color: median, segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "ignore-background", False,
+    "Reduce each block over its non-zero voxels only (0 is background; a block without any gives 0): thin "
+    "objects stay in the coarse mags and zero margins do not darken color. For mode, median, mean, min and max "
+    "(nearest is unchanged); with --layer-name for that layer only. Not what webknossos downsample writes; a later "
+    "--bbox refresh must use it too (recorded in LAYER/beam-downsample.json).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
@@ -95,11 +102,15 @@ flags.DEFINE_string(
 flags.DEFINE_bool("dry-run", False, "Print the plan and exit without touching the dataset.", flag_values=FLAGS)
 
 USAGE = """usage: beam-downsample TARGET [options] [Beam pipeline flags, e.g. --runner=DirectRunner]
+       beam-downsample verify TARGET [options]   (checks a pyramid; verify --help)
 
 Downsamples a WEBKNOSSOS dataset (zarr3, zarr v2, wkw) into a mag pyramid, voxel-identical to
 `webknossos downsample`, as an Apache Beam pipeline. TARGET is a directory or
 gs://bucket/path (Application Default Credentials; STORAGE_EMULATOR_HOST for an emulator).
 """
+
+
+INTERRUPTED = "beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)"
 
 
 class _Usage(Exception):
@@ -140,6 +151,8 @@ def _print_help() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["verify"]:  # `beam-downsample verify TARGET ...`: its own flags
+        return verify_cli.main(argv[1:])
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
         _print_help()
         return 0
@@ -183,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             layer_name=_flag_value("layer-name"),
             coarsest_mag=coarsest,
             interpolation=_flag_value("interpolation"),
+            ignore_background=_flag_value("ignore-background"),
             memory_budget=sized.budget if sized else (given_budget or sizing.FLOOR_BUDGET),
             jobs=sized.processes if sized else (jobs or machine.available_cores()),
             worker_memory=engine.worker_memory,
@@ -224,15 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except locks.LockError as error:
         return _fail(str(error))
     except KeyboardInterrupt:
-        print("beam-downsample: interrupted (only complete mags are listed; rerun the same command to resume)",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except job.UnitFailed as error:  # names the object and the remedy already
+        print(f"beam-downsample: error: {error} (only complete mags are listed; a rerun resumes)", file=sys.stderr)
+        return 1
     except Exception as error:  # pylint: disable=broad-except
         print(
             f"beam-downsample: error: {_root_cause(error)} (only complete mags are listed; "
             "rerun the same command to resume)",
             file=sys.stderr,
         )
+        return 1
+    unlisted = job.unlisted_mags(dataset.path, plans)
+    if unlisted:  # exit status 0 promises every planned mag listed
+        print(f"beam-downsample: error: the run ended but {', '.join(unlisted)} are not listed in the properties "
+              "(another process changed them?); rerun the same command to resume", file=sys.stderr)
         return 1
     summary = ", ".join(f"{k}={v}" for k, v in sorted(accounting.work_metrics(metrics).items()))
     requests = accounting.describe(accounting.storage_requests(metrics, start))
@@ -348,9 +369,19 @@ def _pass_voxels(plans) -> list[int]:
 
 
 def run() -> None:
+    """The console script: `main`, then the exit status of the contract (docs/exit-status.md):
+    0 every planned mag listed, 1 a fault during the run, 2 bad usage or dataset, 130 Ctrl-C;
+    no thread of ours outlives it (`exiting`)."""
     limit_malloc_arenas()
-    status = main()
-    # The interpreter's last collections at exit would walk every object left (Beam's pipeline,
-    # numba's compiler state): 0.4-0.9 s on one core after the work is done. Frozen objects are skipped.
-    gc.freeze()
-    sys.exit(status)
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        status = 130
+    except Exception as error:  # pylint: disable=broad-except
+        if os.environ.get("BEAM_DOWNSAMPLE_VERBOSE") == "1":
+            raise
+        print(f"beam-downsample: error: {type(error).__name__}: {_root_cause(error)} (rerun the same command; "
+              "BEAM_DOWNSAMPLE_VERBOSE=1 shows where it happened)", file=sys.stderr)
+        status = 1
+    exiting.exit_process(status)

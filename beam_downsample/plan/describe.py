@@ -26,8 +26,14 @@ def describe(plans: Sequence[LayerPlan]) -> str:
             + _sparse_note(plan, i)
             for i, (p, indices) in enumerate(zip(plan.passes, plan.planned))
         )
-        lines.append(f"{plan.layer.name}: {passes}")
+        lines.append(f"{plan.layer.name}{_reduction_note(plan)}: {passes}")
     return "\n".join(lines)
+
+
+def _reduction_note(plan: LayerPlan) -> str:
+    """` (mode over non-zero voxels)` with `--ignore-background`, else nothing."""
+    config = plan.configs[0]
+    return f" ({config.interpolation} over non-zero voxels)" if config.reduction != config.interpolation else ""
 
 
 def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:

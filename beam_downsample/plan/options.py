@@ -17,6 +17,8 @@ class JobOptions:
     layer_name: Optional[str] = None
     coarsest_mag: Optional[Mag] = None
     interpolation: Optional[str] = None
+    # `--ignore-background`: reduce each block's non-zero voxels only (every layer planned, like `interpolation`)
+    ignore_background: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     jobs: int = 1  # worker processes the units are sized for; 0: the launcher runs the units itself
     # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.

@@ -26,8 +26,9 @@ from beam_downsample.plan.units import units_work
 from beam_downsample.run import supervise
 from beam_downsample.state import markers
 from beam_downsample.state.progress import Progress
-from beam_downsample.store import arrays, storage, wkw_io
-from beam_downsample.store.properties import Dataset, read_properties_for_update, update_properties, with_new_mags
+from beam_downsample.store import arrays, reductions, storage, wkw_io
+from beam_downsample.store.properties import (Dataset, load_dataset, read_properties_for_update, update_properties,
+                                              with_new_mags)
 from beam_downsample.transforms import seeds
 from beam_downsample.transforms.downsample import DownsamplePass
 
@@ -204,9 +205,8 @@ def run_job(
             layer, path = failed[0]
             reason = (storage.read_text(path) or "").strip()
             unit = os.path.basename(path)[: -len(markers.FAILED)]
-            raise UnitFailed(
-                f"{len(failed)} work unit(s) of pass {index + 1} failed; layer {layer!r} unit {unit}: {reason}"
-            )
+            others = f" and {len(failed) - 1} more work unit(s)" if len(failed) > 1 else ""
+            raise UnitFailed(f"{reason or f'layer {layer!r} unit {unit} failed'} [pass {index + 1}{others}]")
         if any(len(m) for m in missing):
             count = sum(len(m) for m in missing)
             grid, indices = next((g, m) for g, m in zip(grids, missing) if len(m))
@@ -214,7 +214,7 @@ def run_job(
                                f"e.g. {grid.unit(indices[0]).key}")
         arrays.finish_mags([level.spec for config in configs for level in config.levels],
                            threads=min(available_cores(), wkw_io.COMPRESS_THREADS))
-        state = list_mags(dataset, active, index, cleanup=plans if index == pass_count - 1 else [])
+        state = list_mags(dataset, active, configs, index, cleanup=plans if index == pass_count - 1 else [])
     for plan in plans:
         storage.remove_stale_temp_files(storage.join_inside(dataset.path, plan.layer.name))
     # every marker of these layers, from this plan or an interrupted other one
@@ -223,20 +223,24 @@ def run_job(
     return metrics
 
 
-def list_mags(dataset: Dataset, active: Sequence[LayerPlan], index: int,
+def list_mags(dataset: Dataset, active: Sequence[LayerPlan], configs: Sequence[PassConfig], index: int,
               cleanup: Sequence[LayerPlan] = ()) -> list[tuple[str, list[str]]]:
-    """After pass `index`: NGFF metadata, then the properties list its mags (the properties are
-    read while the NGFF files are updated, and written once those are: once the properties list
-    a mag, a rerun has nothing left to do). With `cleanup` (the last pass) the state directories
-    of those layers are listed meanwhile too; returns (directory, names) of each."""
+    """After pass `index`: NGFF metadata and the record of how the mags were made (for a later
+    `--bbox`), then the properties list its mags (the properties are read while the others are
+    written, and written once those are: once the properties list a mag, a rerun has nothing
+    left to do). With `cleanup` (the last pass) the state directories of those layers are
+    listed meanwhile too; returns (directory, names) of each."""
     states = [storage.join_inside(dataset.path, STATE_DIR, plan.layer.name) for plan in cleanup]
     calls = [functools.partial(read_properties_for_update, dataset.path)]
     calls += [functools.partial(_update_ngff, dataset, plan, index) for plan in active]
+    calls += [functools.partial(reductions.write, dataset.path, plan.layer.name, plan.passes[index].target_mags,
+                                reductions.Reduction.of(config.interpolation, config.ignore_background))
+              for plan, config in zip(active, configs)]
     calls += [functools.partial(storage.list_tree, directory) for directory in states]
     done = storage.concurrently(calls, dataset.path)
     # Applied to the current properties: another layer's run may have listed its mags.
     update_properties(dataset.path, functools.partial(_with_pass_mags, active, index), read=done[0])
-    return list(zip(states, done[1 + len(active):]))
+    return list(zip(states, done[1 + 2 * len(active):]))
 
 
 def with_known_metadata(dataset: Dataset, plans: Sequence[LayerPlan], index: int,
@@ -297,3 +301,10 @@ def _collect_metrics(result, metrics: dict) -> None:
     for counter in counters:
         name = counter.key.metric.name
         metrics[name] = metrics.get(name, 0) + (counter.committed or counter.attempted or 0)
+
+
+def unlisted_mags(dataset_path: str, plans: Sequence[LayerPlan]) -> list[str]:
+    """`layer/mag` of every mag the plans make that the properties do not list (read again)."""
+    listed = {layer.name: set(layer.mags) for layer in load_dataset(dataset_path).layers}
+    return [f"{plan.layer.name}/{mag_name(mag)}" for plan in plans for a_pass in plan.passes
+            for mag in a_pass.target_mags if mag not in listed.get(plan.layer.name, set())]

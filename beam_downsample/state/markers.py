@@ -32,11 +32,10 @@ def marker_name(unit: WorkUnit) -> str:
     return "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop)) + DONE
 
 
-def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
+def record_failure(config: PassConfig, unit: WorkUnit, message: str) -> None:
     """One line saying why the unit failed, for the launcher to report."""
-    message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     path = marker_path(config, unit)[: -len(DONE)] + FAILED
-    storage.write_text(path, f"{type(error).__name__}: {message}\n")
+    storage.write_text(path, " ".join(message.split()) + "\n")
 
 
 def failures(config: PassConfig) -> list[str]:

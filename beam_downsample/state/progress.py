@@ -94,7 +94,7 @@ class Progress:
         self._total, self._label, self._report, self._done = total, label, report, done
         self._final: int | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="beam-downsample-progress")
 
     def finish(self, done: int) -> None:
         """The pass ended with `done` units done (from the markers): the last report says so."""

@@ -13,7 +13,7 @@ from beam_downsample.core.grid import UnitGrid, WorkUnit
 from beam_downsample.state import markers, progress, workerstate
 from beam_downsample.store import arrays, stored, usage
 from beam_downsample.transforms import seeds as seeds_module
-from beam_downsample.transforms import work
+from beam_downsample.transforms import faults, work
 
 
 REQUESTS = "requests_"  # Beam counters of storage requests by kind (store.usage), summed by run.accounting
@@ -29,7 +29,8 @@ class DownsampleUnitFn(beam.DoFn):
     With `record_failures` (our local runners) a failing unit leaves a
     one-line failure record for the launcher instead of raising: Beam's
     multi-process FnApiRunner can hang on a failed bundle, and its
-    tracebacks bury the one line that matters (e.g. which chunk is corrupt).
+    tracebacks bury the one line that matters. Either way the failure is
+    one line naming the stored object, its layer, mag and box (`faults`).
     Other runners get the exception, so they can retry the bundle.
 
     Units whose source box holds nothing stored (tensorstore answers from
@@ -96,10 +97,11 @@ class DownsampleUnitFn(beam.DoFn):
                 empty = stats.voxels_read == 0 and prefetcher is not None and not config.refresh
             starting.result()
         except Exception as error:  # pylint: disable=broad-except
+            fault = faults.describe(error, config, unit, source, targets)  # one line naming the object
             if not self._record_failures:
                 self._bookkeeping.shutdown(wait=True)  # the bundle fails: no thread of ours stays behind
-                raise
-            markers.record_failure(config, unit, error)
+                raise fault from error
+            markers.record_failure(config, unit, str(fault))
             self._failed.inc()
             yield unit.key
             return

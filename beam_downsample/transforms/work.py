@@ -140,7 +140,7 @@ def prepare_kernels(config: PassConfig, dtype: np.dtype) -> None:
     """Starts loading the compiled kernels the pass's levels use (see `reduce.prepare`),
     unless the pass has too little work to pay for them (`config.compiled`)."""
     if config.compiled:
-        reduce.prepare([(config.interpolation, level.factor, dtype) for level in config.levels])
+        reduce.prepare([(config.reduction, level.factor, dtype) for level in config.levels])
 
 
 def level_boxes(config: PassConfig, box: Box) -> list[Box]:
@@ -162,7 +162,7 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
         # input; replicating there is harmless: only voxels inside the region are written.
         index = arrays.local_index(box, unit_box)
         at = tuple(s.start for s in index[1:])
-        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation,
+        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.reduction,
                               wait=False, compiled=config.compiled)
         replicate_edges(buffer[index], box, level.region)
         source, source_at = buffer, at
@@ -310,7 +310,8 @@ def run_unit(
                 arrays.read_box(reader, tile, config.channels, out=data)
                 with lock:
                     stats.voxels_read += tile.voxels
-                if dtype.kind != "f" and not data.any():  # all zero: not reduced (floats: -0.0 must stay -0.0)
+                # all zero: not reduced (floats: a plain reduction keeps -0.0; one over non-zero voxels gives 0.0)
+                if (dtype.kind != "f" or config.reduction != config.interpolation) and not data.any():
                     if not skip_zeros:
                         zero_levels(tile)
                     return
