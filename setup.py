@@ -32,6 +32,8 @@ setup(
         # Compiled median/mode kernels (beam_downsample/kernels/compiled.py): wheels for
         # Linux/macOS/Windows, no compiler needed; 0.60 is the first for numpy 2.
         "numba>=0.60",
+        # `beam-downsample verify --preview` writes a PNG (Image.fromarray of uint8 RGB, ImageDraw's default font).
+        "pillow>=10.0",
     ],
     extras_require={
         "dask": DASK,
@@ -54,5 +56,5 @@ setup(
             *DOCS,
         ],
     },
-    entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.cli:run"]},
+    entry_points={"console_scripts": ["beam-downsample=beam_downsample.launch.entry:run"]},
 )

@@ -1,4 +1,4 @@
-from beam_downsample.launch.cli import run
+from beam_downsample.launch.entry import run
 
 if __name__ == "__main__":
     run()

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import socketserver
 import subprocess
 import sys
@@ -100,10 +101,11 @@ def role(name: str, prefix: str) -> str:
             return "worker state"
         return "state"
     parts = name.split("/")
+    metadata = " metadata" if parts[-1] in ("zarr.json", ".zarray", ".zattrs", ".zgroup") else ""
     if len(parts) >= 2 and parts[1] == "1":
-        return "source mag" + (" metadata" if parts[-1] == "zarr.json" else "")
+        return "source mag" + metadata
     if len(parts) >= 2 and re.fullmatch(r"\d+(-\d+){2}", parts[1]):
-        return "new mags" + (" metadata" if parts[-1] == "zarr.json" else "")
+        return "new mags" + metadata
     if name.endswith("datasource-properties.json"):
         return "properties"
     if name.endswith("zarr.json") or name.endswith(".zattrs") or name.endswith(".zgroup"):
@@ -111,8 +113,17 @@ def role(name: str, prefix: str) -> str:
     return name or "bucket"
 
 
-def make_proxy(upstream: dict, counter: Counter, prefix_of):
-    """A threaded HTTP proxy to `upstream["url"]` (set once the emulator runs) that counts every request."""
+def make_proxy(upstream: dict, counter: Counter, prefix_of, delay: dict | None = None, alter=None):
+    """A threaded HTTP proxy to `upstream["url"]` (set once the emulator runs) that counts every request.
+
+    `delay["seconds"]` (changeable between runs) is slept before each request is forwarded: an object
+    store's time to first byte (GCS in-region: tens of ms), so that requests made one after another show.
+
+    `alter(method, path, request_headers, status, body)`, if given, may change a response: it
+    returns the body, or (status, body) (tests/test_faults.py cuts object reads short and refuses
+    writes); the Content-Length follows the body.
+    """
+    delay = {"seconds": 0.0} if delay is None else delay
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -120,17 +131,30 @@ def make_proxy(upstream: dict, counter: Counter, prefix_of):
         def log_message(self, *args):  # quiet
             pass
 
+        def setup(self):
+            super().setup()
+            # Headers and body go out in separate writes: with Nagle's algorithm the body waits for the
+            # client's delayed ACK, 40 ms on Linux, which made every request look 40 ms slow.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def _forward(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             counter.add(*classify(self.command, self.path, body, prefix_of()))
+            if delay["seconds"] > 0:
+                time.sleep(delay["seconds"])
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "expect")}
             target = urllib.parse.urlsplit(upstream["url"])
             connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
             connection.request(self.command, self.path, body=body or None, headers=headers)
             response = connection.getresponse()
             data = response.read()
-            self.send_response(response.status, response.reason)
+            status, reason = response.status, response.reason
+            if alter is not None:
+                data = alter(self.command, self.path, self.headers, status, data)
+                if isinstance(data, tuple):
+                    (status, data), reason = data, None
+            self.send_response(status, reason)
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                     self.send_header(key, value)

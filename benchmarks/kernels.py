@@ -12,6 +12,11 @@ buffers as `work.reduce_tile` does, counted on the first level's input.
 `--startup` also measures, in fresh processes, what the compiled kernels
 cost a worker before its first tile: importing numba, and the first call
 with a cold and with a warm on-disk cache.
+
+`--background` measures the kernels of `--ignore-background` (compiled, 2-2-1
+and 2-2-2, every element class) against today's kernel for the same
+interpolation and input (compiled for median and mode, numpy for the rest),
+paired and interleaved; `slower` is their time over today's.
 """
 
 from __future__ import annotations
@@ -112,12 +117,58 @@ def startup() -> None:
                       f"{r['first_call']:.2f} | {r['first_call_wall']:.2f} |", flush=True)
 
 
+ALL_DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64"]
+
+
+def background_speeds(size: int, repeats: int, interpolations) -> None:
+    """Each background-aware compiled kernel against today's kernel, same input, same buffers."""
+    seg = demo.load_segmentation()[:size, :size, :size]
+    noise = np.random.default_rng(0).integers(0, 256, seg.shape, dtype=np.uint8)
+    reduce._COMPILED[:] = [compiled]  # pylint: disable=protected-access
+    print("\n| reduction | dtype | factor | today's kernel | today MVox/s | ignoring background MVox/s | slower |")
+    print("|---|---|---|---|---|---|---|")
+    for interpolation in interpolations:
+        base = seg if interpolation == "mode" else noise
+        for dtype in ALL_DTYPES:
+            data = np.asfortranarray(base.astype(dtype))[None]
+            for factor in ((2, 2, 1), (2, 2, 2)):
+                shape = tuple(s // f for s, f in zip(data.shape[1:], factor))
+                out = np.zeros((1, *shape), dtype=dtype, order="F")
+                name = reduce.reduction(interpolation, True)
+                assert compiled.available(data, factor, name, out)
+                today = "compiled" if compiled.available(data, factor, interpolation, out) else "numpy"
+
+                def plain():
+                    reduce.downsample_box(data, (0, 0, 0), out, (0, 0, 0), shape, factor, interpolation)
+
+                def ours():
+                    reduce.downsample_box(data, (0, 0, 0), out, (0, 0, 0), shape, factor, name)
+
+                plain(), ours()  # compile or load, touch the pages
+                times = {plain: float("inf"), ours: float("inf")}
+                for _ in range(repeats):
+                    for fn in (plain, ours):
+                        times[fn] = min(times[fn], cpu_seconds(fn, 1))
+                mvox = data.size / 1e6
+                print(f"| {name} | {dtype} | {'-'.join(map(str, factor))} | {today} | {mvox / times[plain]:.0f} | "
+                      f"{mvox / times[ours]:.0f} | {times[ours] / times[plain]:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="edge of the cube cut from the segmentation")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--startup", action="store_true", help="also measure import and compile/cache-load time")
+    parser.add_argument("--background", action="store_true",
+                        help="only the --ignore-background kernels against today's (every element class)")
+    parser.add_argument("--interpolations", default="mode,median,mean,min,max",
+                        help="with --background: which reductions (comma-separated)")
     args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"load average: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    if args.background:
+        background_speeds(args.size, args.repeats, args.interpolations.split(","))
+        return
     print("| kernel | dtype | factor | numpy MVox/s | compiled MVox/s | speed-up |\n|---|---|---|---|---|---|")
     speeds(args.size, args.repeats)
     if args.startup:

@@ -216,6 +216,29 @@ def _log(message: str) -> None:
     print(f"[parity {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def write_reference_inputs(folder: str, layers: Sequence[dict], voxel_size, data_format: str,
+                           top_left=TOP_LEFT) -> tuple[str, str, str, list[str]]:
+    """Everything the reference needs to create a dataset of `layers` with its own API
+    (GENERATOR, run in its venv): the arrays as .npy, spec.json and the script, in `folder`.
+    Returns (dataset path, spec path, script path, npy paths)."""
+    dataset = os.path.join(folder, "dataset")
+    spec_layers = []
+    for layer in layers:
+        npy = os.path.join(folder, f"{layer['name']}.npy")
+        np.save(npy, layer["data"])
+        entry = {k: v for k, v in layer.items() if k != "data"}
+        entry.update(npy=npy, top_left=list(top_left))
+        spec_layers.append(entry)
+    spec_path = os.path.join(folder, "spec.json")
+    with open(spec_path, "w", encoding="utf-8") as handle:
+        json.dump({"path": dataset, "voxel_size": list(voxel_size), "layers": spec_layers,
+                   "data_format": data_format}, handle, indent=2)
+    script = os.path.join(folder, "make_reference_dataset.py")
+    with open(script, "w", encoding="utf-8") as handle:
+        handle.write(GENERATOR)
+    return dataset, spec_path, script, [entry["npy"] for entry in spec_layers]
+
+
 class BaseDatasets:
     """Creates (once per run) the input dataset of each distinct case setup."""
 
@@ -230,28 +253,15 @@ class BaseDatasets:
             return self.made[key]
         folder = os.path.join(self.root, "bases", key)
         os.makedirs(folder, exist_ok=True)
-        dataset = os.path.join(folder, "dataset")
-        spec_layers = []
-        for layer in input_layers(case.data):
-            npy = os.path.join(folder, f"{layer['name']}.npy")
-            np.save(npy, layer["data"])
-            entry = {k: v for k, v in layer.items() if k != "data"}
-            entry.update(npy=npy, top_left=list(TOP_LEFT))
-            spec_layers.append(entry)
-        spec_path = os.path.join(folder, "spec.json")
-        with open(spec_path, "w", encoding="utf-8") as handle:
-            json.dump({"path": dataset, "voxel_size": list(case.voxel_size), "layers": spec_layers,
-                       "data_format": case.data_format}, handle, indent=2)
-        script = os.path.join(folder, "make_reference_dataset.py")
-        with open(script, "w", encoding="utf-8") as handle:
-            handle.write(GENERATOR)
+        dataset, spec_path, script, npys = write_reference_inputs(folder, input_layers(case.data), case.voxel_size,
+                                                                  case.data_format)
         _log(f"creating input {key} with the reference API ...")
         try:
             result = self._create(case, folder, dataset, script, spec_path)
         finally:
-            for entry in spec_layers:
-                if os.path.exists(entry["npy"]):
-                    os.remove(entry["npy"])
+            for npy in npys:
+                if os.path.exists(npy):
+                    os.remove(npy)
         self.made[key] = result
         return result
 

@@ -3,7 +3,7 @@ Debian's `slurm-wlm` and `munge` packages, configured in a temp dir.
 
 `.ci/run` installs the packages when they are missing; without them the
 tests skip with the reason, except under CI (the CI variable set), where
-they fail. The README's *SLURM on one machine* recipe is the same set-up.
+they fail. The one-machine recipe in docs/clusters.md is the same set-up.
 """
 
 from __future__ import annotations

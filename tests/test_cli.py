@@ -178,7 +178,7 @@ def test_unknown_layer_lists_layers(tiny_dataset, capsys):
 
 
 OPTIONS = ["--sampling-mode", "--layer-name", "--coarsest-mag", "--jobs", "--distribution-strategy",
-           "--job-resources", "--interpolation", "--memory-budget", "--dry-run"]
+           "--job-resources", "--interpolation", "--ignore-background", "--memory-budget", "--dry-run"]
 
 
 def test_help_lists_every_option(capsys):
@@ -197,6 +197,7 @@ def test_help_lists_every_option(capsys):
     assert "default" in lines["--layer-name"].lower()
     assert "default" in lines["--interpolation"].lower() and "median" in lines["--interpolation"]
     assert "default" in lines["--dry-run"].lower()
+    assert "default: 'false'" in lines["--ignore-background"].lower() and "nearest" in lines["--ignore-background"]
 
 
 @pytest.mark.parametrize("position", ["after", "before", "mixed"])

@@ -35,3 +35,25 @@ def test_a_broken_link_fails_the_build(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "missing.md" in result.stdout + result.stderr
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    """A newcomer reads it in five minutes; its first lines are the two set-up commands, and the
+    second one is what .ci/run runs."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        lines = readme.read().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move details to docs/"
+    assert "python -m beam_downsample.demo demo-data && beam-downsample demo-data" in lines[3]
+    assert lines[4].endswith("python -m pytest -q tests")
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as ci:
+        assert lines[4] in ci.read()
+
+
+def test_readme_links_point_at_pages_that_exist():
+    """The README is outside the site, so mkdocs does not check its links: every docs/ link must exist."""
+    import re
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        targets = re.findall(r"\]\((docs/[^)#]+)", readme.read())
+    assert targets
+    missing = [t for t in targets if not os.path.exists(os.path.join(ROOT, t))]
+    assert not missing, missing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -48,8 +49,9 @@ def ref_reduce(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
         s = np.sort(blocks, axis=-1)
         if n % 2:
             return s[..., n // 2]
-        if data.dtype.kind == "f":
-            return ((s[..., n // 2 - 1].astype(np.float64) + s[..., n // 2]) / 2).astype(data.dtype)
+        if data.dtype.kind == "f":  # the reference: numpy's median of the block in block order
+            with np.errstate(over="ignore", invalid="ignore"):
+                return np.median(blocks, axis=-1).astype(data.dtype)
         total = s[..., n // 2 - 1].astype(object) + s[..., n // 2].astype(object)  # exact Python ints
         return np.where(total >= 0, total // 2, -(-total // 2)).astype(data.dtype)  # truncated toward zero
     if interpolation == "mode":
@@ -67,11 +69,12 @@ def ref_reduce(data: np.ndarray, factor, interpolation: str) -> np.ndarray:
     raise AssertionError(interpolation)
 
 
-def reference_pyramid(source, source_mag, top_left, size, targets, interpolation):
+def reference_pyramid(source, source_mag, top_left, size, targets, interpolation, reduce=None):
     """mag -> (region start, data covering exactly the aligned region), chained level by level.
 
     The previous level's valid region is edge-replicated out to the block grid
-    of the next one (no zeros from outside the bounding box are mixed in)."""
+    of the next one (no zeros from outside the bounding box are mixed in).
+    `reduce(data, factor, interpolation)`: the block reduction (default `ref_reduce`)."""
     result = {}
     previous, previous_mag = source, source_mag
     previous_start, previous_stop = region(top_left, size, source_mag)
@@ -84,7 +87,7 @@ def reference_pyramid(source, source_mag, top_left, size, targets, interpolation
         pad = [(0, 0)] + [(ps - lo, hi - pe) for ps, pe, lo, hi in zip(previous_start, previous_stop, low, high)]
         assert all(a >= 0 and b >= 0 for a, b in pad)
         padded = np.pad(previous, pad, mode="edge")
-        reduced = ref_reduce(padded, factor, interpolation)
+        reduced = (reduce or ref_reduce)(padded, factor, interpolation)
         assert reduced.shape[1:] == tuple(b - a for a, b in zip(start, stop))
         result[mag] = (start, reduced)
         previous, previous_mag, previous_start, previous_stop = reduced, mag, start, stop
@@ -171,6 +174,44 @@ def sequential_16(base, tmp_path_factory):
 def test_sequential_matches_reference(sequential_16, layers_data, layer, interpolation):
     source = layers_data[layer][None]
     check_layer(sequential_16, layer, source, (1, 1, 1), TOP_LEFT, SHAPE, PYRAMID_16, interpolation)
+
+
+@pytest.fixture(scope="module")
+def compiled_16(base, tmp_path_factory):
+    """The run of `sequential_16` with the compiled kernels forced on: threshold 0 (these
+    passes are far below `COMPILED_MIN_VOXELS`), the kernels loaded before the run, and
+    every (interpolation, factor, dtype) the compiled kernels reduced recorded."""
+    from beam_downsample.kernels import compiled, reduce  # pylint: disable=import-outside-toplevel
+    from beam_downsample.plan import units  # pylint: disable=import-outside-toplevel
+
+    path = copy_of(base, tmp_path_factory, "compiled")
+    used = set()
+    real = compiled.downsample_box
+
+    def spy(src, src_at, dst, dst_at, shape, factor, interpolation):
+        used.add((interpolation, tuple(factor), src.dtype.str))
+        return real(src, src_at, dst, dst_at, shape, factor, interpolation)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(units, "COMPILED_MIN_VOXELS", 0)
+        patch.setattr(reduce, "_COMPILED", [compiled])
+        reduce.prepare([(i, f, np.dtype(d)) for i, d in (("median", "uint8"), ("mode", "uint32"))
+                        for f in ((2, 2, 1), (2, 2, 2))])
+        for thread in threading.enumerate():
+            if thread.name == "beam-downsample-kernels":
+                thread.join(300)
+        patch.setattr(compiled, "downsample_box", spy)
+        run_sequential(path, "--coarsest-mag", "16")
+    return path, used
+
+
+@pytest.mark.parametrize("layer, interpolation, dtype", [("color", "median", "uint8"), ("segmentation", "mode", "uint32")])
+def test_compiled_kernels_forced_on_match_reference(compiled_16, layers_data, layer, interpolation, dtype):
+    """The production kernels end to end: every level of the pyramid came from a compiled
+    kernel (2-2-1 then 2-2-2 steps) and equals the numpy reference."""
+    path, used = compiled_16
+    assert {(interpolation, (2, 2, 1), np.dtype(dtype).str), (interpolation, (2, 2, 2), np.dtype(dtype).str)} <= used
+    check_layer(path, layer, layers_data[layer][None], (1, 1, 1), TOP_LEFT, SHAPE, PYRAMID_16, interpolation)
 
 
 def test_source_mag_untouched(base, sequential_16):

@@ -26,11 +26,8 @@ from beam_downsample.store import locks, properties, storage
 from conftest import PROPERTIES, run_cli, tree_bytes
 from refresh_helpers import assert_same_pyramid, edit_finest_mag
 from resilience_helpers import kill_group, start_cli, wait_until
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import gcs_requests  # noqa: E402  pylint: disable=wrong-import-position
-
-start_emulator = gcs_requests.start_emulator
+import gcs_helpers
+from gcs_helpers import gcs_requests
 
 BUCKET = "beam-downsample-test"
 VOXEL_SIZE = (11.24, 11.24, 28.0)
@@ -39,19 +36,8 @@ VOXEL_SIZE = (11.24, 11.24, 28.0)
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """A fake-gcs-server process with one bucket; the environment points at it for this module."""
-    root = tmp_path_factory.mktemp("fake-gcs")
-    process, url = start_emulator(root / "data", root / "server.log")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
-            patch.delenv(name, raising=False)
-        patch.setenv("STORAGE_EMULATOR_HOST", url)
-        patch.setattr(storage, "_CLIENT", None)
-        try:
-            storage.gcs_client().create_bucket(BUCKET)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with gcs_helpers.emulated_gcs(tmp_path_factory.mktemp("fake-gcs"), BUCKET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -72,22 +58,14 @@ def local_dataset(tmp_path_factory, segmentation):
 
 
 def upload(local_dir, prefix: str) -> str:
-    """Copies every file of `local_dir` to gs://BUCKET/prefix; returns the URL."""
-    bucket = storage.gcs_client().bucket(BUCKET)
-    for rel, content in tree_bytes(local_dir).items():
-        bucket.blob(f"{prefix}/{rel}").upload_from_string(content)
-    return f"gs://{BUCKET}/{prefix}"
+    return gcs_helpers.upload(local_dir, BUCKET, prefix)
 
 
 def download(prefix: str) -> dict[str, bytes]:
-    """Every object under gs://BUCKET/prefix/: relative name -> bytes."""
-    blobs = storage.gcs_client().list_blobs(BUCKET, prefix=f"{prefix}/")
-    return {blob.name[len(prefix) + 1:]: blob.download_as_bytes() for blob in blobs}
+    return gcs_helpers.download(BUCKET, prefix)
 
 
-def error_lines(stderr: str) -> list[str]:
-    """stderr without tensorstore's own log lines (it logs which credentials it uses)."""
-    return [line for line in stderr.splitlines() if line and not line.startswith(("I1", "W1", "E1"))]
+error_lines = gcs_helpers.error_lines
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +396,23 @@ def test_planning_requests_grow_with_the_data_not_the_box(emulator, tmp_path):
         proxy.shutdown()
     assert totals[0] == totals[1] and totals[0] < 100, totals
     assert plans[0][0].split(" of ")[0] == plans[1][0].split(" of ")[0], plans
+
+
+def test_gcs_ignore_background_records_and_refuses_another_reduction(emulator, local_dataset, tmp_path):
+    """--ignore-background on gs://: the same bytes as a local run, the record included; a
+    --bbox refresh without the option is refused in one line and writes nothing."""
+    local = tmp_path / "local" / "ds"
+    shutil.copytree(local_dataset, local)
+    assert run_cli(local, "--distribution-strategy", "sequential", "--ignore-background").returncode == 0
+    url = upload(local_dataset, "nonzero")
+    result = run_cli(url, "--distribution-strategy", "sequential", "--ignore-background")
+    assert result.returncode == 0, result.stderr
+    remote, expected = download("nonzero"), tree_bytes(local)
+    assert sorted(remote) == sorted(expected)
+    assert "segmentation/beam-downsample.json" in remote
+    assert all(remote[name] == expected[name] for name in expected)
+    result = run_cli(url, "--bbox", "40,30,20,50,40,20")
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "mag 2-2-1 was made with median over non-zero voxels" in lines[0], lines  # color first
+    assert download("nonzero") == remote

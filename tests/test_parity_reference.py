@@ -74,3 +74,32 @@ def test_script_exit_code(parity_report):
     all_ok = all(r["ok"] for r in parity_report["cases"])
     assert parity_report["ok"] == all_ok
     assert (parity_report["exit_code"] == 0) == all_ok, parity_report["stdout"]
+
+
+# ---------------------------------------------------------------------------
+# WEBKNOSSOS reads a pyramid made with --ignore-background, whose layer holds our record
+
+
+def test_webknossos_reads_an_ignore_background_pyramid_and_ignores_the_record(tmp_path, segmentation):
+    if not ENABLED:
+        pytest.skip(SKIP_REASON)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import refenv  # pylint: disable=import-outside-toplevel
+
+    from test_background_job import RECORD, VOXEL_SIZE, layers_of, run_sequential  # pylint: disable=import-outside-toplevel
+
+    from beam_downsample import demo  # pylint: disable=import-outside-toplevel
+
+    pyramid = tmp_path / "ds"
+    demo.write_dataset(str(pyramid), layers_of(segmentation), VOXEL_SIZE, data_format="zarr3")
+    run_sequential(pyramid, "--coarsest-mag", "8", "--ignore-background")
+    probe = ("import sys, json, webknossos as wk; ds = wk.Dataset.open(sys.argv[1]); "
+             "print(json.dumps({l.name: {str(m): int((mag.read() != 0).sum()) for m, mag in l.mags.items()} "
+             "for l in ds.layers.values()}))")
+    result = subprocess.run([refenv.reference_python(), "-c", probe, str(pyramid)], capture_output=True, text=True,
+                            env=refenv.reference_env(), timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert os.path.exists(pyramid / "segmentation" / RECORD)
+    assert sorted(found["segmentation"]) == ["1", "2-2-1", "4-4-2", "8-8-4"]
+    assert all(count > 0 for counts in found.values() for count in counts.values())

@@ -212,15 +212,29 @@ PLAN_CASES = list(
 )
 
 
+def no_progress_expected(coarsest: str, mode: str, voxel_size) -> bool:
+    """The cases planning must refuse: anisotropic steps at an isotropic voxel size double every
+    axis, so a coarsest mag flatter in z than in x-y is never reached."""
+    mag = M(coarsest)
+    return mode == "anisotropic" and len(set(voxel_size)) == 1 and mag[2] < mag[0]
+
+
+def test_plan_invariants_refuse_exactly_the_expected_cases():
+    refused = [case for case in PLAN_CASES if no_progress_expected(*case[1:])]
+    assert len(refused) == 15  # 5 sources x 3 flat coarsest mags at voxel size 1-1-1
+
+
 @pytest.mark.parametrize("source, coarsest, mode, voxel_size", PLAN_CASES)
 def test_plan_invariants(source, coarsest, mode, voxel_size):
     """Whatever the inputs: each written mag is a multiple of the one before (chainable),
     its largest component grows strictly, starting above the source's (WEBKNOSSOS cannot
-    hold two mags with the same largest component), and the last one reaches the coarsest."""
-    try:
-        plan = plan_mags(source, M(coarsest), mode, voxel_size)
-    except PlanningError:
+    hold two mags with the same largest component), and the last one reaches the coarsest;
+    or, exactly where expected, planning refuses with 'no progress' naming the coarsest mag."""
+    if no_progress_expected(coarsest, mode, voxel_size):
+        with pytest.raises(PlanningError, match=f"^no progress: the coarsest mag {coarsest} cannot be reached"):
+            plan_mags(source, M(coarsest), mode, voxel_size)
         return
+    plan = plan_mags(source, M(coarsest), mode, voxel_size)
     previous = source
     for mag in plan:
         mags.factor_between(previous, mag)  # raises if not a multiple

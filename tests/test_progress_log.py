@@ -81,7 +81,8 @@ def test_a_rerun_counts_what_the_markers_say_is_done(tmp_path):
     reports = []
     bar = progress.Progress([config], 10, "pass 1/1: x", lambda done, total, label: reports.append(done))
     tally = progress.Tally(config.marker_dir)
-    tally.add()  # a worker of the first run counted one unit, then finished 3 more and was stopped
+    tally.add()  # a worker of the first run counted one unit (written at the end of its bundle),
+    tally.flush()  # then finished 3 more and was stopped
     assert bar.count() == 1
     todo = bar.rerun(list(range(6)))  # the markers: 4 of 10 done, 6 to run again
     assert todo == list(range(6)) and bar.count() == 4

@@ -1,7 +1,7 @@
 """Robustness: kill -9 and rerun, retried/duplicated work units, layer locks,
 leftovers of crashed runs, corrupt input and an unwritable target.
 
-The README's promises under "Crashes and reruns" are what is checked here:
+The promises of docs/reliability.md under "Crashes and reruns" are what is checked here:
 a rerun after a crash is byte-identical to an uninterrupted run, a mag is
 listed only once its data is complete, a unit run twice (even concurrently)
 writes the same bytes, one run at a time per layer, and problems end with a
@@ -40,7 +40,7 @@ from beam_downsample.store.properties import load_dataset
 from beam_downsample.store.storage import TEMP_PREFIX
 from beam_downsample.transforms import work
 from beam_downsample.transforms.downsample import DownsampleUnitFn
-from conftest import PROPERTIES, read_properties, run_cli, tiny_layers, tree_bytes, tree_digest
+from conftest import PROPERTIES, read_properties, run_cli, skip_or_fail, tiny_layers, tree_bytes, tree_digest
 from resilience_helpers import (
     kill_group,
     open_unit_arrays,
@@ -494,17 +494,23 @@ def test_dofn_redelivered_unit_writes_the_same_bytes(medium_base, single_run, tm
     plans, items = prepare(medium_base, tmp_path / "ds")
     fn = DownsampleUnitFn([p.configs[0] for p in plans])
     fn.setup()
+
+    def bundle(*units):  # markers are written beside the next unit; all of them by the bundle's end
+        fn.start_bundle()
+        keys = [key for unit in units for key in fn.process(unit)]
+        fn.finish_bundle()
+        return keys
+
     config, unit = next((c, u) for c, u in items if u.layer == "segmentation")
     assert not markers.is_done(config, unit)
-    assert list(fn.process(unit)) == [unit.key]
+    assert bundle(unit) == [unit.key]
     assert markers.is_done(config, unit)
     with open(markers.marker_path(config, unit), encoding="utf-8") as handle:
         assert handle.read() == "done\n"
     first = data_digest(tmp_path / "ds")
-    assert list(fn.process(unit)) == [unit.key]  # second delivery
+    assert bundle(unit) == [unit.key]  # second delivery
     assert data_digest(tmp_path / "ds") == first
-    for _, other in items:
-        assert list(fn.process(other)) == [other.key]
+    assert bundle(*[other for _, other in items]) == [other.key for _, other in items]
     assert all(markers.is_done(c, u) for c, u in items)
     assert diff_digests(data_digest(tmp_path / "ds"), single_run) == []
 
@@ -787,14 +793,14 @@ def _unprivileged(command: list[str]) -> list[str]:
 def test_target_not_writable_fails_with_one_line(tiny_base, tmp_path):
     target = copy_dataset(tiny_base, tmp_path / "ds")
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("running as root and setpriv is not installed: cannot drop privileges")
+        skip_or_fail("running as root and setpriv is not installed: cannot drop privileges")
     probe = subprocess.run(
         _unprivileged([sys.executable, "-c", "import sys, beam_downsample.store.arrays; open(sys.argv[1], 'w')",
                        str(target / "probe")]),
         capture_output=True, text=True, cwd="/", timeout=120,
     )
     if "PermissionError" not in probe.stderr:
-        pytest.skip(f"cannot run the CLI as a user without write access here: {probe.stderr.strip()[-300:]}")
+        skip_or_fail(f"cannot run the CLI as a user without write access here: {probe.stderr.strip()[-300:]}")
     os.chmod(target, 0o555)
     try:
         before = tree_digest(target)

@@ -1,20 +1,26 @@
 """`--distribution-strategy slurm` on a real one-node SLURM cluster (tests/slurm_cluster.py):
 real sbatch jobs, output byte-identical to sequential, --job-resources in the
-jobs as SLURM sees them, and `scancel` of worker jobs mid-pass.
+jobs as SLURM sees them, and `scancel` of worker jobs mid-pass: each lost job is
+submitted again (a bounded number of times, `launch.clusters.JobReplacer`, whose
+bound is checked without SLURM below) and the run finishes by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import subprocess
 import time
+import types
 
+import numpy as np
 import pytest
 
-from conftest import run_cli, tree_digest
+from beam_downsample import demo
+from conftest import require_module, run_cli, tree_digest
 from resilience_helpers import start_cli, wait_until
-from test_resilience import copy_dataset
+from test_resilience import BIG_VOXEL_SIZE, cheap_color, copy_dataset
 from test_workerdeath import (  # noqa: F401  (fixtures)
     NOTICE_SECONDS,
     STATE_DIR,
@@ -28,7 +34,7 @@ from test_workerdeath import (  # noqa: F401  (fixtures)
 )
 import slurm_cluster as slurm_setup
 
-pytest.importorskip("dask_jobqueue")
+require_module("dask_jobqueue")
 
 # Two single-core jobs of 1G each (a worker process with numba, tensorstore and dask is ~330 MB).
 RESOURCES = '{"mem": "1G", "cpus": 1, "time": "00:20:00", "partition": "%s"}' % slurm_setup.PARTITION
@@ -45,14 +51,14 @@ def scontrol_job(job_id: str) -> str:
                           check=False).stdout
 
 
-def running_slurm_worker(dataset, proc) -> dict:
-    """The state of a worker that has started a unit, with the SLURM job it runs in."""
+def running_slurm_worker(dataset, proc, exclude=()) -> dict:
+    """The state of a worker that has started a unit, with the SLURM job it runs in (not one of `exclude`)."""
     found = {}
 
     def running():
         for state in worker_states(dataset):
             job = slurm_setup.job_of_pid(state["pid"])
-            if job:
+            if job and job not in exclude:
                 found.update(state, job=job)
                 return True
         return False
@@ -101,26 +107,73 @@ def test_slurm_one_worker_job_cancelled_mid_pass_run_finishes_identical(slurm_cl
     assert tree_digest(dataset) == clean
 
 
-def test_slurm_every_worker_job_cancelled_ends_in_one_line_and_rerun_is_identical(slurm_cluster, base, clean,
-                                                                                 tmp_path):
+def test_slurm_every_worker_job_cancelled_at_once_both_are_replaced_and_the_run_finishes(slurm_cluster, base, clean,
+                                                                                        tmp_path):
     dataset = copy_dataset(base, tmp_path / "ds")
     proc = start_cli(tmp_path / "logs", "slurm", dataset, *ARGS, cwd=tmp_path)
     running_slurm_worker(dataset, proc)
     subprocess.run(["scancel", "--user", "root"], check=True, timeout=30)
     cancelled_at = time.monotonic()
-    result = finish(proc, timeout=120)
+    result = finish(proc, timeout=240)
     ended = time.monotonic() - cancelled_at
     print(f"\nslurm scancel of every job: launcher ended {ended:.2f} s later; stderr:\n{result.stderr}")
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("beam-downsample: error: no SLURM worker job is left during pass 1"), last
+    assert result.returncode == 0, result.stderr
+    assert "submitted a replacement SLURM job (2 of at most 4 in this run)" in result.stderr
     assert_no_traceback(result.stderr)
     assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*.lock"))
     assert wait_until(lambda: not squeue("-o", "%i"), timeout=60)  # the launcher leaves no job behind
-
-    rerun = run_cli(dataset, *ARGS, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr
     assert tree_digest(dataset) == clean
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory, segmentation):
+    """Two color and two segmentation layers of 512x256x128: four units of a few seconds each
+    with 1G jobs (a unit never spans shards, so layers are what makes units here)."""
+    data = np.ascontiguousarray(segmentation[:, :256, :128])
+    color = cheap_color(data)
+    path = tmp_path_factory.mktemp("slurm-four") / "base"
+    demo.write_dataset(str(path), [
+        {"name": "color", "category": "color", "data": color},
+        {"name": "color2", "category": "color", "data": color[::-1].copy()},
+        {"name": "segmentation", "category": "segmentation", "data": data},
+        {"name": "segmentation2", "category": "segmentation", "data": data[::-1].copy()},
+    ], BIG_VOXEL_SIZE)
+    clean = copy_dataset(path, tmp_path_factory.mktemp("slurm-four-clean") / "ds")
+    result = run_cli(clean, "--distribution-strategy", "sequential")
+    assert result.returncode == 0, result.stderr
+    return path, tree_digest(clean)
+
+
+def test_slurm_each_job_cancelled_in_turn_is_replaced_and_the_run_finishes_identical(slurm_cluster, four_layers,
+                                                                                   tmp_path):
+    """scancel of the first job while it runs a unit, then of the second job: each is submitted
+    again, and the run finishes by itself with the output of `sequential`."""
+    base, clean = four_layers
+    dataset = copy_dataset(base, tmp_path / "ds")
+    proc = start_cli(tmp_path / "logs", "slurm", dataset, *ARGS, cwd=tmp_path)
+    assert wait_until(lambda: len(squeue("-o", "%i")) >= 2, proc, timeout=120), stderr_text(proc)
+    first_jobs = set(squeue("-o", "%i"))
+    cancelled = []
+    for turn in (1, 2):
+        state = running_slurm_worker(dataset, proc, exclude=cancelled)
+        job = state["job"] if turn == 1 else next(j for j in sorted(first_jobs) if j not in cancelled)
+        assert proc.poll() is None and not pass_done(dataset), "the pass ended before the cancels"
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        cancelled.append(job)
+        needle = f"submitted a replacement SLURM job ({turn} of at most 4 in this run)"
+        assert wait_until(lambda n=needle: n in stderr_text(proc), proc, timeout=60), stderr_text(proc)
+    result = finish(proc, timeout=400)
+    print(f"\nslurm jobs {', '.join(cancelled)} cancelled in turn; stderr:\n{result.stderr}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("ended (scancel, time limit, preemption or out of memory?)") >= 1
+    assert_no_traceback(result.stderr)
+    assert tree_digest(dataset) == clean
+    assert wait_until(lambda: not squeue("-o", "%i"), timeout=60)
+
+
+def pass_done(dataset) -> bool:
+    """Whether every unit of the run has its done-marker (4 layers, one unit each)."""
+    return len(glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "*.done"))) >= 4
 
 
 def test_slurm_job_memory_too_small_for_a_unit_is_refused_naming_mem(slurm_cluster, base, tmp_path):
@@ -133,3 +186,100 @@ def test_slurm_job_memory_too_small_for_a_unit_is_refused_naming_mem(slurm_clust
     assert "more than the 300 MiB of one worker; raise mem in --job-resources" in result.stderr
     assert not squeue("-o", "%i")  # nothing submitted
     assert tree_digest(dataset) == before
+
+
+# ---------------------------------------------------------------------------
+# the bound on replacements, without SLURM
+
+
+class FakeCluster:
+    """What JobReplacer uses of a dask-jobqueue cluster: jobs planned (worker_spec), jobs
+    started (workers), the scheduler's workers, scale() and the event loop."""
+
+    def __init__(self, jobs):
+        self.worker_spec = {f"job-{i}": {} for i in range(jobs)}
+        self.workers: dict = {}
+        self.scheduler_info: dict = {"workers": {}}
+        self.scaled: list = []
+        self.loop = types.SimpleNamespace(add_callback=lambda callback: None)
+
+    def start(self, name):
+        self.workers[name] = object()
+        self.scheduler_info["workers"][f"tcp://{name}"] = {"name": name}
+
+    def lose(self, name):
+        del self.workers[name]
+        del self.scheduler_info["workers"][f"tcp://{name}"]
+
+    def scale(self, jobs):
+        self.scaled.append(jobs)
+        for name in self.worker_spec:
+            self.workers.setdefault(name, object())  # submitted again; its worker joins later
+
+
+def test_lost_jobs_are_submitted_again_at_most_the_bound_in_all():
+    from beam_downsample.launch.clusters import JobReplacer  # pylint: disable=import-outside-toplevel
+
+    cluster = FakeCluster(2)
+    replacer = JobReplacer(cluster, limit=2)
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert replacer.submitted == 0 and not cluster.scaled  # jobs still starting are not lost
+    assert replacer.waiting()
+    for name in list(cluster.worker_spec):
+        cluster.start(name)
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert not replacer.waiting() and replacer.news() == []
+
+    cluster.lose("job-0")
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert replacer.submitted == 1 and cluster.scaled == [2]
+    assert replacer.news() == ["submitted a replacement SLURM job (1 of at most 2 in this run)"]
+    assert replacer.waiting()  # its worker has not joined yet
+    cluster.start("job-0")
+    cluster.lose("job-0")
+    cluster.lose("job-1")
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert replacer.submitted == 2
+    assert replacer.news() == ["submitted a replacement SLURM job (2 of at most 2 in this run)",
+                               "no replacement for 1 lost SLURM job(s): all 2 replacements of this run are used"]
+    assert len(cluster.worker_spec) == 1  # the job past the bound is given up
+    cluster.start(next(iter(cluster.worker_spec)))
+    assert not replacer.waiting()
+
+
+def test_a_job_that_left_the_queue_before_its_worker_joined_is_lost_too(monkeypatch):
+    """Cancelled while pending: no worker ever joined, so only squeue can tell it is gone."""
+    from beam_downsample.launch.clusters import JobReplacer  # pylint: disable=import-outside-toplevel
+
+    cluster = FakeCluster(2)
+    cluster.scale(2)
+    cluster.start("job-0")
+    cluster.workers["job-1"] = types.SimpleNamespace(job_id="17")  # submitted, never joined
+    replacer = JobReplacer(cluster, limit=4)
+    queue = {"17"}
+
+    async def queued(ids):
+        return {job_id for job_id in ids if job_id in queue}
+
+    monkeypatch.setattr(replacer, "_queued", queued)
+    monkeypatch.setattr(replacer, "QUEUE_SECONDS", 0.0)
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert replacer.submitted == 0 and replacer.waiting()  # still queued: waiting for it
+    queue.clear()  # scancel of the pending job
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    asyncio.run(replacer._check())  # pylint: disable=protected-access
+    assert replacer.submitted == 1
+    assert replacer.news() == ["submitted a replacement SLURM job (1 of at most 4 in this run)"]
+
+
+def test_no_worker_left_is_fatal_only_once_no_replacement_is_on_its_way():
+    from beam_downsample.run.watch import DaskWorkers  # pylint: disable=import-outside-toplevel
+
+    replacer = types.SimpleNamespace(waiting=lambda: True, submitted=2, limit=4, news=lambda: [])
+    watcher = DaskWorkers.__new__(DaskWorkers)
+    watcher._replacer, watcher._ever, watcher._empty_since = replacer, True, 0.0  # pylint: disable=protected-access
+    watcher._what, watcher._known = "SLURM worker job", {}  # pylint: disable=protected-access
+    watcher._workers = lambda: {}  # pylint: disable=protected-access
+    assert watcher.fatal() is None and watcher.fatal(now=True) is None
+    replacer.waiting = lambda: False
+    assert watcher.fatal() == "no SLURM worker job is left (2 of at most 4 replacements submitted)"

@@ -10,6 +10,7 @@ for every interpolation, and kill -9 + rerun of a sparse run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import itertools
 import os
@@ -35,7 +36,7 @@ from beam_downsample.plan.options import JobOptions
 from beam_downsample.plan.units import source_units
 from beam_downsample.run import job
 from beam_downsample.state import markers
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, prefetch, stored
 from beam_downsample.store.properties import load_dataset
 from beam_downsample.transforms import seeds, work
 from beam_downsample.transforms.downsample import DownsamplePass
@@ -86,8 +87,9 @@ def window_of(offset, shape, margin=2):
     return start, stop
 
 
-def check_sparse(path, layers, data_format):
-    """Every mag around every block equals the dense numpy pyramid of that block's window."""
+def check_sparse(path, layers, data_format, reduce=None):
+    """Every mag around every block equals the dense numpy pyramid of that block's window
+    (`reduce`: the block reduction of `reference_pyramid`)."""
     for spec in layers:
         interpolation = "mode" if spec["category"] == "segmentation" else "median"
         for offset, data in spec["blocks"]:
@@ -95,7 +97,7 @@ def check_sparse(path, layers, data_format):
             dense = np.zeros([b - a for a, b in zip(start, stop)], dtype=data.dtype)
             dense[tuple(slice(o - a, o - a + s) for o, a, s in zip(offset, start, data.shape))] = data
             size = [b - a for a, b in zip(start, stop)]
-            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation)
+            pyramid = reference_pyramid(dense[None], (1, 1, 1), start, size, PYRAMID_16, interpolation, reduce)
             for mag, (low, expected) in pyramid.items():
                 high = [a + s for a, s in zip(low, expected.shape[1:])]
                 got = read_window(str(path), spec["name"], mag, data_format, low, high)
@@ -267,7 +269,8 @@ def test_dry_run_counts_the_units_that_hold_data(sparse_base, capsys):
         assert set(plan.planned[0].tolist()) == needed
         # the shard listing alone names many more (512 units share a 1024^3 shard); the storage
         # statistics leave only the units holding chunks, e.g. the lonely chunk's unit alone
-        by_shard, _ = source_units(plan.configs[0], grid, refine=False)
+        by_shard, _, exact = source_units(plan.configs[0], grid, refine=False)
+        assert not exact
         assert len(by_shard) > 4 * len(needed)
         assert grid.index_of_starts(np.array([[50016, 10016, 3008]]))[0] in needed
     assert run(path, "--dry-run", "--coarsest-mag", "16-16-8", "--memory-budget", "256M") == 0
@@ -335,19 +338,31 @@ def test_sparse_zarr2(segmentation, tmp_path, data_format):
                 assert chunk.any(), (spec["name"], mag, key)
 
 
-def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path):
+def test_sparse_resume_after_kill_9(sparse_base, sparse_done, tmp_path, capsys):
+    """kill -9 once the first unit is done: the kill lands mid-run (the launcher dies of it, a
+    pass has done and undone units, its mags are not listed), and the rerun resumes from the
+    markers (it says so) to the bytes of an uninterrupted run."""
     path = tmp_path / "ds"
     shutil.copytree(sparse_base[0], path)
     args = (path, "--distribution-strategy", "sequential", "--coarsest-mag", "16-16-8", "--memory-budget", "256M")
     proc = start_cli(tmp_path / "logs", "first", *args)
 
-    def some_done():
-        return any(n.endswith(".done") for d in glob.glob(str(path / ".beam-downsample" / "*" / "*"))
-                   if os.path.isdir(d) for n in os.listdir(d))
+    def done_markers():
+        return [n for d in glob.glob(str(path / ".beam-downsample" / "*" / "*")) if os.path.isdir(d)
+                for n in os.listdir(d) if n.endswith(".done")]
 
-    assert wait_until(some_done, proc, timeout=240), outputs(proc)
+    assert wait_until(done_markers, proc, timeout=240), outputs(proc)
     kill_group(proc)
+    assert proc.returncode == -9, outputs(proc)  # killed, not finished
+    done = len(done_markers())
+    listed = {layer["name"]: len(layer["mags"]) for layer in read_properties(path)["dataLayers"]}
+    assert listed != {layer["name"]: len(layer["mags"]) for layer in read_properties(sparse_done)["dataLayers"]}
+    capsys.readouterr()
     assert run(*args) == 0
+    resumed = re.findall(r"resuming: (\d+) of (\d+) work units of pass \d+ already done", capsys.readouterr().err)
+    assert resumed, "the rerun did not resume"
+    assert 0 < sum(int(a) for a, _ in resumed) < sum(int(b) for _, b in resumed)  # some, not all, were done
+    assert sum(int(a) for a, _ in resumed) >= done
     digest = {k: v for k, v in tree_digest(path).items()}
     clean = {k: v for k, v in tree_digest(sparse_done).items()}
     assert digest == clean
@@ -431,10 +446,11 @@ class PoisonedScratch(work.Scratch):
             yield buffer
 
 
-@pytest.mark.parametrize("skip_zeros", [True, False])
-def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
+@pytest.mark.parametrize("skip_zeros, fetched", [(True, False), (False, False), (True, True), (False, True)])
+def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros, fetched):
     """skip_zeros on a fresh target writes only the tiles holding data; without it every
-    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact."""
+    voxel is written, so a target holding other data (a `--bbox` refresh) ends up exact.
+    `fetched`: the source comes through store.prefetch (as from a bucket) in boxes of 1 MiB."""
     path = tmp_path / "ds"
     dense = small_sparse(path, segmentation)
     dataset = load_dataset(str(path))
@@ -450,8 +466,11 @@ def test_unit_writes_match_numpy(segmentation, tmp_path, skip_zeros):
                 target[arrays.region_index(level.region)].write(
                     np.full((1, *level.region.shape), 7, dtype=np.uint32)).result()
         grid = plan.grids[index]
+        prefetcher = prefetch.Prefetcher(config.source_spec, source) if fetched else None
+        if fetched:
+            config = dataclasses.replace(config, prefetch_bytes=1 << 20)
         for unit in grid.units(grid.all_indices()):
-            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros)
+            work.run_unit(config, unit, source, targets, PoisonedScratch(), skip_zeros=skip_zeros, prefetcher=prefetcher)
     pyramid = reference_pyramid(dense[None], (1, 1, 1), (0, 0, 0), SMALL, PYRAMID_16, "mode")
     for mag, (start, expected) in pyramid.items():
         got = read_window(str(path), "segmentation", mag, "zarr3", [0, 0, 0], list(expected.shape[1:]))

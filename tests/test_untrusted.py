@@ -263,7 +263,7 @@ def test_join_inside_gcs():
 
 def test_layer_directory_symlinked_out_of_target_is_refused(tiny_dataset, capsys):
     """Writing through `ds/color -> elsewhere` would change another dataset: refused with one
-    line before anything is written (README: copy the layer in, or downsample where it lives)."""
+    line before anything is written (docs/reliability.md: copy the layer in, or downsample where it lives)."""
     elsewhere = tiny_dataset.parent / "elsewhere"
     shutil.move(tiny_dataset / "color", elsewhere)
     (tiny_dataset / "color").symlink_to(elsewhere)

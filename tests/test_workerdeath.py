@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from test_resilience import copy_dataset, write_real_dataset
 
-from conftest import tree_digest
+from conftest import require_module, tree_digest
 from resilience_helpers import live_group_members, outputs, run_cli_pinned, start_cli, wait_until
 
 STATE_DIR = ".beam-downsample"
@@ -48,7 +48,7 @@ def clean(base, tmp_path_factory):
 
 def worker_states(dataset) -> list[dict]:
     states = []
-    for path in glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "workers", "*.json")):
+    for path in glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "workers", "*.json")):
         try:
             with open(path, encoding="utf-8") as handle:
                 states.append(json.load(handle))
@@ -138,7 +138,7 @@ def test_unit_that_keeps_killing_its_worker_is_named_and_rerun_resumes(base, cle
     assert_no_traceback(result.stderr)
     assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*.lock"))  # locks released
     assert glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "*.done"))  # markers kept
-    assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "workers", "*"))
+    assert not glob.glob(os.path.join(str(dataset), STATE_DIR, "*", "*", "workers", "*"))
 
     rerun = run_cli_pinned(dataset, *ARGS)
     assert rerun.returncode == 0, rerun.stderr
@@ -147,7 +147,7 @@ def test_unit_that_keeps_killing_its_worker_is_named_and_rerun_resumes(base, cle
 
 
 def test_dask_worker_killed_mid_pass_run_finishes_identical(base, clean, tmp_path):
-    pytest.importorskip("distributed")
+    require_module("distributed")
     dataset = copy_dataset(base, tmp_path / "ds")
     proc = start_cli(tmp_path / "logs", "dask", dataset, *ARGS, "--distribution-strategy", "dask")
     state, killed_at = kill_a_running_worker(dataset, proc)

@@ -51,16 +51,17 @@ class Box:
         )
 
 
-def split_box(box: Box, align: Sequence[int], max_voxels: int) -> list[Box]:
+def split_box(box: Box, align: Sequence[int], max_voxels: int, halve: Sequence[int] = (2, 1, 0)) -> list[Box]:
     """Splits `box` into tiles on the `align` grid, halving z first, then y,
-    then x, until a tile holds at most `max_voxels`.
+    then x (or the axes in the order `halve`), until a tile holds at most
+    `max_voxels`; tiles are listed x slowest, z fastest.
 
     Tiles are read in Fortran order (x fastest, as the chunks are stored, so
     tensorstore need not transpose), and keep their full x extent as long as
     possible: the kernels' inner loops run along x.
     """
     shape = [-(-s // a) * a for s, a in zip(box.shape, align)]
-    for axis in (2, 1, 0):
+    for axis in halve:
         while math.prod(shape) > max_voxels and shape[axis] > align[axis]:
             shape[axis] = max(align[axis], (shape[axis] // 2) // align[axis] * align[axis])
     tiles = []

@@ -7,6 +7,7 @@ import dataclasses
 
 from beam_downsample.core.box import Box
 from beam_downsample.core.mags import Mag
+from beam_downsample.kernels.background import reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,3 +39,12 @@ class PassConfig:
     # a refresh reads and reduces only these source voxels of a unit (its boxes' source regions)
     regions: tuple[Box, ...] = ()
     compiled: bool = True  # numba kernels; a pass with little work uses numpy's (the same bytes, no numba load)
+    # > 0: the source is remote; a unit fetches its encoded chunks in boxes of at most this many raw
+    # bytes, each in one round of requests (store.prefetch), and decodes them from memory
+    prefetch_bytes: int = 0
+    ignore_background: bool = False  # reduce each block's non-zero voxels only (`--ignore-background`)
+
+    @property
+    def reduction(self) -> str:
+        """The kernels' name of the pass's reduction: the interpolation, or e.g. `mode-nonzero`."""
+        return reduction(self.interpolation, self.ignore_background)

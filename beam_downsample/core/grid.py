@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -63,18 +63,49 @@ class UnitBudget:
     bytes: int
     threads: int = 1  # tiles reduced at once inside a unit
     tile_voxels: int = 16 << 20
+    remote: bool = False  # the source is behind an object store: encoded chunks are fetched ahead
 
     # A tile in flight holds its data plus the kernels' temporaries.
     TILE_OVERHEAD = 3
     BUFFER_COPIES = 2
+    # A remote unit is fetched in at most this many boxes: a larger unit would leave boxes so small
+    # that it saved fewer requests (markers, target shards) than its boxes cost (source ranges).
+    MAX_FETCHED_BOXES = 4
 
-    def unit_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> float:
-        """Peak bytes of a unit of `shape` source voxels: level buffers plus tiles in flight."""
+    def unit_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int,
+                   prefetch_bytes: Optional[int] = None) -> float:
+        """Peak bytes of a unit of `shape` source voxels: level buffers plus tiles in flight, plus
+        for a remote source the encoded chunks in memory (`prefetch_bytes`, default one tile's
+        worth): one box being decoded and the next being fetched, each counted at its raw size
+        (compressed data is never larger, give or take a frame header)."""
         voxels = math.prod(shape)
         buffers = sum(voxels / math.prod(factor_between(a_pass.source_mag, m)) for m in a_pass.target_mags)
-        tile = max(min(self.tile_voxels, voxels), math.prod(tile_alignment(a_pass)))
+        tile = self.tile(a_pass, shape)
         # Level buffers count twice: tensorstore copies what it writes until encoded.
-        return (self.BUFFER_COPIES * buffers + self.threads * tile * self.TILE_OVERHEAD) * bytes_per_voxel
+        peak = (self.BUFFER_COPIES * buffers + self.threads * tile * self.TILE_OVERHEAD) * bytes_per_voxel
+        if self.remote:
+            box = tile * bytes_per_voxel if prefetch_bytes is None else prefetch_bytes
+            peak += min(2 * box, voxels * bytes_per_voxel)
+        return peak
+
+    def fits(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> bool:
+        """A unit of `shape` is in budget (and, remote, fetched in at most MAX_FETCHED_BOXES boxes)."""
+        if self.unit_bytes(a_pass, shape, bytes_per_voxel) > self.bytes:
+            return False
+        raw = math.prod(shape) * bytes_per_voxel
+        return not self.remote or self.prefetch_bytes(a_pass, shape, bytes_per_voxel) * self.MAX_FETCHED_BOXES >= raw
+
+    def tile(self, a_pass: Pass, shape: Sequence[int]) -> int:
+        """Voxels of the largest tile of a unit of `shape`."""
+        return max(min(self.tile_voxels, math.prod(shape)), math.prod(tile_alignment(a_pass)))
+
+    def prefetch_bytes(self, a_pass: Pass, shape: Sequence[int], bytes_per_voxel: int) -> int:
+        """Raw bytes per fetched box of a unit of `shape` (the largest of its pass): what the budget
+        leaves for two boxes, at least one tile's worth (the model's minimum); 0 for a local source."""
+        if not self.remote:
+            return 0
+        local = dataclasses.replace(self, remote=False).unit_bytes(a_pass, shape, bytes_per_voxel)
+        return int(max(self.tile(a_pass, shape) * bytes_per_voxel, (self.bytes - local) // 2))
 
 
 def tile_alignment(a_pass: Pass) -> tuple[int, int, int]:
@@ -165,6 +196,14 @@ class UnitGrid:
         cells = low[owner] + np.stack([dx, dy, dz], axis=1)
         flat = (cells[:, 0] * counts[1] + cells[:, 1]) * counts[2] + cells[:, 2]
         return np.unique(flat)
+
+    def spans_several(self, starts: np.ndarray, stops: np.ndarray) -> bool:
+        """True if any of the boxes `[starts, stops)` (clipped to the region) overlaps more than one unit."""
+        starts = np.maximum(np.asarray(starts, dtype=np.int64).reshape(-1, 3), np.array(self.region.start))
+        stops = np.minimum(np.asarray(stops, dtype=np.int64).reshape(-1, 3), np.array(self.region.stop))
+        keep = np.all(stops > starts, axis=1)
+        shape = np.array(self.shape)
+        return bool(np.any(starts[keep] // shape != (stops[keep] - 1) // shape))
 
     def boxes(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(starts, stops) of the units `indices`, clipped to the region, vectorised."""

@@ -1,61 +1,35 @@
 """Block reductions (median, mode, ...) with WEBKNOSSOS's exact rounding.
 
-Pure numpy, no Beam; `downsample` hands median and mode at 2-2-1 and 2-2-2
-to the compiled kernels of `compiled` (bit-identical, 3-10x faster), and
+Pure numpy, no Beam; `downsample` hands median and mode (and the background-aware
+reductions) at 2-2-1 and 2-2-2 to the compiled kernels of `compiled` (bit-identical,
+3-10x faster), and
 these numpy kernels do everything else and are the reference in tests. Every kernel takes an array shaped `(c, x, y, z)` and a
 per-axis factor that divides x, y and z, and returns `(c, x/fx, y/fy, z/fz)`.
 Blocks are never materialised as a reshaped copy: the kernels work on the
 `fx*fy*fz` strided views of the input, ordered the way the reference walks a
 block (y fastest, then x, then z), which is what the mode's tie-break needs.
+The reductions over non-zero voxels (`--ignore-background`) are `background`'s,
+named here `<interpolation>-nonzero` (`reduction`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+from beam_downsample.kernels import background
+from beam_downsample.kernels.blocks import block_views, integer_mean_half_even, mean_of_two_truncated, mode_by
 
 INTERPOLATIONS = ("median", "mode", "mean", "min", "max", "nearest")
 DEFAULT_INTERPOLATION = {"color": "median", "segmentation": "mode"}
 
 
-def block_views(data: np.ndarray, factor: Sequence[int]) -> list[np.ndarray]:
-    """The block's voxels as strided views, in block order `dy + fy*dx + fx*fy*dz`."""
-    fx, fy, fz = factor
-    if data.ndim != 4:
-        raise ValueError(f"expected a (c, x, y, z) array, got shape {data.shape}")
-    if any(s % f for s, f in zip(data.shape[1:], factor)):
-        raise ValueError(f"shape {data.shape[1:]} is not a multiple of factor {tuple(factor)}")
-    return [
-        data[:, dx::fx, dy::fy, dz::fz]
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
-
-
 # --------------------------------------------------------------------------
 # median
-
-
-def _mean_of_two_truncated(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`(a + b) / 2` truncated toward zero, as the reference's float computation
-    gives for every integer it can represent; float inputs keep their precision.
-
-    Integers use exact integer arithmetic (no overflow, no float64 rounding),
-    so 64-bit values above 2**53 come out exact: the floor of the mean is
-    `(a >> 1) + (b >> 1) + (a & b & 1)`, and a negative odd sum rounds up
-    to truncate toward zero (measured against the reference for int8/int16).
-    """
-    if dtype.kind == "f":
-        wide = a.astype(np.float64) + b
-        return (wide / 2).astype(dtype)
-    floor = (a >> 1) + (b >> 1) + (a & b & 1)
-    if dtype.kind == "u":
-        return floor
-    return floor + ((a ^ b) & 1 & (floor < 0))
 
 
 def _middle_pair_of_four(v: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -97,13 +71,33 @@ def median(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
         low, high = _middle_pair_of_eight(views)
     else:
         stacked = np.stack(views)
+        if data.dtype.kind == "f":  # a partition moves NaN aside: as numpy's median, with NaN checks
+            with np.errstate(invalid="ignore"):
+                return np.median(np.moveaxis(stacked, 0, -1), axis=-1).astype(data.dtype, copy=False)
         if n % 2:
             return np.partition(stacked, n // 2, axis=0)[n // 2]
         part = np.partition(stacked, (n // 2 - 1, n // 2), axis=0)
         low, high = part[n // 2 - 1], part[n // 2]
     if n % 2:  # unreachable for powers of two, kept for odd factors
         raise AssertionError
-    return _mean_of_two_truncated(low, high, data.dtype)
+    result = mean_of_two_truncated(low, high, data.dtype)
+    if data.dtype.kind == "f":
+        median_nans(data, factor, result)
+    return result
+
+
+def median_nans(data: np.ndarray, factor: Sequence[int], result: np.ndarray) -> None:
+    """Sets the medians of blocks that hold NaN to the NaN numpy's median of the block in
+    block order gives, as the reference's: NaNs of both signs (from inf - inf at an earlier
+    level) are chosen by numpy's partition, which no sorting network reproduces. The
+    networks of 2, 4 and 8 voxels give NaN for every block holding one, so only the NaN
+    results are computed again."""
+    nan = np.isnan(result)
+    if not nan.any():
+        return
+    values = np.stack([view[nan] for view in block_views(data, factor)], axis=-1)
+    with np.errstate(invalid="ignore"):
+        result[nan] = np.median(values, axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -138,45 +132,8 @@ def _mode_of_views(views: list[np.ndarray]) -> np.ndarray:
 
 
 def mode(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
-    """Mode per block (zero is an ordinary label).
-
-    Segmentations are mostly uniform blocks; those are answered by one
-    comparison chain and only mixed blocks go through the pairwise count.
-    """
-    views = block_views(data, factor)
-    n = len(views)
-    if n == 1:
-        return views[0].copy(order="K")
-    first = views[0]
-    uniform = first == views[1]
-    for view in views[2:]:
-        uniform &= first == view
-    result = first.copy(order="K")
-    order = "F" if uniform.flags.f_contiguous and not uniform.flags.c_contiguous else "C"
-    mixed = np.flatnonzero(np.ravel(~uniform, order=order))
-    if mixed.size == 0:
-        return result
-    if mixed.size > uniform.size // 2 or not (data.flags.c_contiguous or data.flags.f_contiguous):
-        return _mode_of_views(views)
-    # Gather only the mixed blocks, straight from the input's memory.
-    coords = np.unravel_index(mixed, uniform.shape, order=order)
-    strides = [stride // data.itemsize for stride in data.strides]
-    base = coords[0] * strides[0]
-    for axis, f in enumerate(factor, start=1):
-        base += coords[axis] * (f * strides[axis])
-    flat = np.ravel(data, order="K")  # a view: data is contiguous
-    fx, fy, fz = factor
-    gathered = [
-        flat.take(base + (dx * strides[1] + dy * strides[2] + dz * strides[3]))
-        for dz in range(fz)
-        for dx in range(fx)
-        for dy in range(fy)
-    ]
-    flat_result = np.ravel(result, order=order)
-    if not np.shares_memory(flat_result, result):  # pragma: no cover - layouts differ
-        return _mode_of_views(views)
-    flat_result[mixed] = _mode_of_views(gathered)
-    return result
+    """Mode per block (zero is an ordinary label); uniform blocks are answered at once (`blocks.mode_by`)."""
+    return mode_by(data, factor, _mode_of_views)
 
 
 # --------------------------------------------------------------------------
@@ -224,32 +181,7 @@ def mean(data: np.ndarray, factor: Sequence[int]) -> np.ndarray:
                         total += data[:, dx::fx, dy::fy, dz::fz]
         total /= data.dtype.type(n)
         return total
-    if data.dtype.itemsize == 8:
-        return _integer_mean_half_even(views)
-    total = views[0].astype(np.float64)
-    for view in views[1:]:
-        total += view
-    total /= n
-    np.rint(total, out=total)
-    return total.astype(data.dtype)
-
-
-def _integer_mean_half_even(views: list[np.ndarray]) -> np.ndarray:
-    """Exact mean of 64-bit integers (float64 would lose digits above 2**53):
-    each value is split into `q * n + r` so the sum never overflows."""
-    dtype = views[0].dtype
-    n = dtype.type(len(views))
-    quotient = views[0] // n
-    remainder = (views[0] % n).astype(np.int64)
-    for view in views[1:]:
-        quotient += view // n
-        remainder += (view % n).astype(np.int64)
-    quotient += (remainder // len(views)).astype(dtype)
-    remainder %= len(views)
-    twice = 2 * remainder
-    round_up = (twice > len(views)) | ((twice == len(views)) & (quotient % dtype.type(2) == 1))
-    quotient += round_up.astype(dtype)
-    return quotient
+    return integer_mean_half_even(views, n)
 
 
 KERNELS: dict[str, Callable[[np.ndarray, Sequence[int]], np.ndarray]] = {
@@ -259,17 +191,22 @@ KERNELS: dict[str, Callable[[np.ndarray, Sequence[int]], np.ndarray]] = {
     "min": minimum,
     "max": maximum,
     "nearest": nearest,
+    **background.KERNELS,  # `--ignore-background`: mode-nonzero, median-nonzero, ...
 }
+reduction = background.reduction  # (interpolation, ignore_background) -> the name of its kernel
 
 
 def downsample(data: np.ndarray, factor: Sequence[int], interpolation: str) -> np.ndarray:
     """Reduces `data` by `factor` with the named interpolation."""
     kernel = _kernel(interpolation)
-    if tuple(factor) == (1, 1, 1):
+    if tuple(factor) == (1, 1, 1) and interpolation in INTERPOLATIONS:  # (the background-aware ones tidy floats)
         return data.copy(order="K")
     fast = _compiled()
-    if fast is not None and fast.available(data, factor, interpolation):
-        return fast.downsample(data, factor, interpolation)
+    if fast is not None and fast.available(data, factor, interpolation) and fast.ready(data, factor, interpolation):
+        result = fast.downsample(data, factor, interpolation)
+        if interpolation == "median" and data.dtype.kind == "f":
+            median_nans(data, factor, result)
+        return result
     return kernel(data, factor)
 
 
@@ -292,35 +229,47 @@ def downsample_box(src: np.ndarray, src_at: Sequence[int], dst: np.ndarray, dst_
             fast = _compiled() if compiled or _COMPILED else None
         else:
             fast = _prepared(interpolation, factor, src.dtype, load=compiled)
-        if fast is not None and fast.available(src, factor, interpolation, dst):
+        if (fast is not None and fast.available(src, factor, interpolation, dst)
+                and fast.ready(src, factor, interpolation, load=wait and compiled)):
             fast.downsample_box(src, src_at, dst, dst_at, shape, factor, interpolation)
+            if interpolation == "median" and src.dtype.kind == "f":
+                median_nans(src[_box_index(src_at, shape, factor)], factor, dst[_box_index(dst_at, shape)])
             return
-    source = (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(src_at, shape, factor))
-    target = (slice(None),) + tuple(slice(a, a + n) for a, n in zip(dst_at, shape))
-    dst[target] = src[source].copy(order="K") if tuple(factor) == (1, 1, 1) else kernel(src[source], factor)
+    source = _box_index(src_at, shape, factor)
+    target = _box_index(dst_at, shape)
+    copy = tuple(factor) == (1, 1, 1) and interpolation in INTERPOLATIONS
+    dst[target] = src[source].copy(order="K") if copy else kernel(src[source], factor)
 
 
-# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader thread
+def _box_index(at: Sequence[int], shape: Sequence[int], factor: Sequence[int] = (1, 1, 1)) -> tuple:
+    return (slice(None),) + tuple(slice(a, a + n * f) for a, n, f in zip(at, shape, factor))
+
+
+# (interpolation, factor, dtype) whose compiled kernel `prepare` has loaded; the loader threads
 _LOADED: set = set()
 _LOADING: dict = {}
 _LOAD_LOCK = threading.Lock()
-_LOADERS: list = []  # loader threads started (joined by `wait_for_loaders`)
+_LOADERS: list = []  # loader threads started (joined by `wait_for_loaders` and `shutdown`)
+_STOP = threading.Event()
 
 
 def prepare(kernels: Sequence[tuple[str, Sequence[int], np.dtype]]) -> None:
     """Loads the compiled kernels for these (interpolation, factor, dtype) on a background
     thread: numba's import and cache load (~0.5 s, mostly holding the GIL) then overlap
-    the first reads instead of stalling every tile thread on numba's compiler lock."""
+    the first reads instead of stalling every tile thread on numba's compiler lock.
+
+    The thread is no daemon: the interpreter never exits under it while it compiles
+    (LLVM aborts or crashes then); `shutdown` stops it between kernels."""
     wanted = []
     for interpolation, factor, dtype in kernels:
         key = (interpolation, tuple(factor), np.dtype(dtype).str)
         with _LOAD_LOCK:
-            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1):
+            if key in _LOADED or key in _LOADING or tuple(factor) == (1, 1, 1) or _STOP.is_set():
                 continue
             _LOADING[key] = True
         wanted.append(key)
     if wanted:
-        loader = threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels", daemon=True)
+        loader = threading.Thread(target=_load, args=(wanted,), name="beam-downsample-kernels")
         with _LOAD_LOCK:
             _LOADERS[:] = [thread for thread in _LOADERS if thread.is_alive()] + [loader]
         loader.start()
@@ -338,14 +287,28 @@ def wait_for_loaders() -> None:
 def _load(keys) -> None:
     for interpolation, factor, dtype in keys:
         try:
+            if _STOP.is_set():  # the run is over: numpy answers for what is not loaded
+                continue
             fast = _compiled()
             sample = np.zeros((1, *(2 * f for f in factor)), dtype=np.dtype(dtype), order="F")
             if fast is not None and fast.available(sample, factor, interpolation):
-                fast.downsample(sample, factor, interpolation)  # compiles or loads from the cache
+                fast.ready(sample, factor, interpolation)  # compiles, or loads from the cache
         finally:
             with _LOAD_LOCK:
                 _LOADED.add((interpolation, factor, dtype))
                 _LOADING.pop((interpolation, factor, dtype), None)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Stops loading kernels (a kernel being compiled is finished) and waits for the loader
+    threads, at most `timeout` seconds; True when none is left. Call before the interpreter exits."""
+    _STOP.set()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _LOAD_LOCK:
+        loaders = list(_LOADERS)
+    for thread in loaders:
+        thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+    return not any(thread.is_alive() for thread in loaders)
 
 
 def _prepared(interpolation: str, factor: Sequence[int], dtype: np.dtype, load: bool = True):

@@ -36,11 +36,12 @@ from beam_downsample.core.errors import Error, RunError, UsageError
 from beam_downsample.kernels import reduce
 from beam_downsample.launch.progressbar import ProgressBar, pass_voxels
 from beam_downsample import plan as planning
-from beam_downsample.plan import refresh
+from beam_downsample.plan import cost, refresh
 from beam_downsample.plan.options import job_options
+from beam_downsample.run import accounting
 from beam_downsample.run import job as running
 from beam_downsample.run.result import LayerResult, planned_result
-from beam_downsample.store import locks, storage
+from beam_downsample.store import locks, storage, usage
 from beam_downsample.store.properties import load_dataset
 
 Progress = Union[bool, Callable[[int, int, str], None]]
@@ -60,6 +61,8 @@ class Result:
         layers: per layer name, what was made, refreshed, run and skipped (`LayerResult`).
         warnings: e.g. an interrupted refresh of other boxes that should be rerun.
         metrics: Beam's counters summed by name (empty where the runner reports none).
+        requests: storage requests since `prepare` by kind (`reads`, `writes`, `lists`,
+            `deletes`, `other`, `total`), this process's and its workers'; all 0 for a local dataset.
     """
 
     target: str
@@ -68,6 +71,7 @@ class Result:
     layers: dict[str, LayerResult]
     warnings: tuple[str, ...] = ()
     metrics: dict[str, int] = dataclasses.field(default_factory=dict)
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Job:
@@ -75,17 +79,20 @@ class Job:
     called once. `plan` is the plan as `--dry-run` prints it, `warnings` what the command
     prints before running."""
 
-    def __init__(self, target: str, dataset, plans, engine, sized, warnings: Sequence[str]):
+    def __init__(self, target: str, dataset, plans, engine, sized, warnings: Sequence[str], start=None):
         self.target = target
+        self._start = usage.mark() if start is None else start  # requests are counted from here
         self._dataset, self._plans, self._engine, self._sized = dataset, plans, engine, sized
         self.plan: str = planning.describe(plans)
         self.warnings: tuple[str, ...] = tuple(warnings)
         self._ran = False
 
     def describe_engine(self) -> str:
-        """Where the units would run: the sizing (local strategies) and the engine."""
+        """Where the units would run: the sizing (local strategies) and the engine; on an object
+        store, the storage requests each pass is estimated to send."""
         lines = [self._sized.describe(planning.pass_sizes(self._plans))] if self._sized is not None else []
-        return "\n".join([*lines, self._engine.describe()])
+        costs = cost.describe(self._plans)
+        return "\n".join([*lines, self._engine.describe(), *([costs] if costs else [])])
 
     def planned(self) -> Result:
         """The result of a dry run: the plan, nothing run."""
@@ -120,11 +127,17 @@ class Job:
     def _run(self, progress: Progress, log: Log) -> Result:
         with locks.LayerLocks(self._dataset, [p.layer.name for p in self._plans], log=_prefixed(log)):
             running.create_targets(self._dataset, self._plans)
-            with self._engine.started() as (runner, options), _Reporter(progress, self._plans, log) as (report, say):
+            with self._engine.started() as (runner, options), \
+                    _Reporter(progress, self._plans, log) as (report, say, seconds):
                 metrics, layers = running.run_job(self._dataset, self._plans, runner, options, report=report,
-                                                  log=say, record_failures=self._engine.record_failures)
+                                                  log=say, record_failures=self._engine.record_failures,
+                                                  report_seconds=seconds)
+        unlisted = running.unlisted_mags(self._dataset.path, self._plans)
+        if unlisted:  # a run that returns promises every planned mag listed
+            raise RunError(f"the run ended but {', '.join(unlisted)} are not listed in the properties "
+                           "(another process changed them?)")
         return Result(self.target, False, self.plan, {layer.layer: layer for layer in layers}, self.warnings,
-                      dict(metrics))
+                      dict(accounting.work_metrics(metrics)), accounting.storage_requests(metrics, self._start))
 
 
 def prepare(target: Union[str, os.PathLike], **options: Any) -> Job:
@@ -136,6 +149,7 @@ def prepare(target: Union[str, os.PathLike], **options: Any) -> Job:
     if unknown:
         raise TypeError(f"prepare() got an unexpected keyword argument {unknown[0]!r}")
     given = types.SimpleNamespace(**{**_PLANNING, **options})
+    start = usage.mark()
     target = os.fspath(target)
     jobs = given.jobs
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int)):
@@ -148,6 +162,7 @@ def prepare(target: Union[str, os.PathLike], **options: Any) -> Job:
                                  budget or sizing.FLOOR_BUDGET, given.dask_scheduler)
     options = job_options(sampling_mode=given.sampling_mode, layer_name=given.layer_name,
                           coarsest_mag=given.coarsest_mag, interpolation=given.interpolation,
+                          ignore_background=given.ignore_background,
                           bboxes=[*_listed(given.bboxes), *_file_boxes(given.bbox_file)])
     dataset = load_dataset(target)
     sized = None
@@ -162,7 +177,7 @@ def prepare(target: Union[str, os.PathLike], **options: Any) -> Job:
         worker_cores=engine.worker_cores,
     )
     plans = planning.plan_job(dataset, options)
-    return Job(target, dataset, plans, engine, sized, planning.interrupted_refreshes(dataset, plans))
+    return Job(target, dataset, plans, engine, sized, planning.interrupted_refreshes(dataset, plans), start)
 
 
 def downsample(
@@ -172,6 +187,7 @@ def downsample(
     sampling_mode: str = "anisotropic",
     coarsest_mag: Union[None, str, int, Sequence[int]] = None,
     interpolation: Optional[str] = None,
+    ignore_background: bool = False,
     bboxes: Optional[Iterable[BoxLike]] = None,
     bbox_file: Optional[str] = None,
     distribution_strategy: str = "multiprocessing",
@@ -192,6 +208,8 @@ def downsample(
         sampling_mode: `anisotropic`, `isotropic` or `constant_z`.
         coarsest_mag: stop at this mag: `8`, `"16-16-8"` or `(16, 16, 8)` (default as the command's).
         interpolation: override the per-category default (color: median, segmentation: mode).
+        ignore_background: reduce each block over its non-zero voxels only (thin objects stay;
+            not what webknossos writes; recorded per layer, and a later refresh must use it too).
         bboxes: after an edit of the finest mag inside these boxes (mag-1 voxels; each
             `"x,y,z,w,h,d"`, six integers or a WEBKNOSSOS BoundingBox), refresh the existing mags
             there; each pass runs the union of the boxes' units once.
@@ -341,12 +359,12 @@ class _Reporter:
 
     def __enter__(self):
         if callable(self._progress):
-            return self._progress, self._log
+            return self._progress, self._log, 0.0
         if not self._progress:
-            return (lambda done, total, label: None), self._log
+            return (lambda done, total, label: None), self._log, 0.0
         self._bar = ProgressBar(pass_voxels(self._plans)).__enter__()
         log = self._log if self._log is not _print_to_stderr else self._bar.write
-        return self._bar.update, log
+        return self._bar.update, log, self._bar.seconds
 
     def __exit__(self, *exc):
         if self._bar is not None:

@@ -18,6 +18,7 @@ _COLLECTING = gc.isenabled()
 gc.disable()
 
 import logging  # noqa: E402 pylint: disable=wrong-import-position
+import os
 import sys
 from typing import Sequence
 
@@ -31,8 +32,10 @@ configure_quiet_logging()  # before Beam is imported: it warns about optional GC
 from beam_downsample.core.errors import Error, RunError, UsageError
 from beam_downsample.core.machine import limit_malloc_arenas
 from beam_downsample.kernels import reduce
-from beam_downsample.launch import api, runners
+from beam_downsample.launch import api, exiting, runners, verify_cli
 from beam_downsample.plan import refresh
+from beam_downsample.run import accounting
+from beam_downsample.run.job import UnitFailed
 from beam_downsample.plan.options import SAMPLING_MODES
 
 if _COLLECTING:
@@ -76,6 +79,12 @@ flags.DEFINE_string(
     "interpolation", None,
     f"One of {', '.join(reduce.INTERPOLATIONS)}: override the per-category default (color: median, "
     "segmentation: mode).", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "ignore-background", False,
+    "Reduce each block over its non-zero voxels only (0 is background; a block without any gives 0): thin "
+    "objects stay in the coarse mags and zero margins do not darken color. For mode, median, mean, min and max "
+    "(nearest is unchanged); with --layer-name for that layer only. Not what webknossos downsample writes; a later "
+    "--bbox refresh must use it too (recorded in LAYER/beam-downsample.json).", flag_values=FLAGS)
 flags.DEFINE_string(
     "memory-budget", None,
     "Memory for the whole process tree (2GB = 2*10^9 bytes, 2G = 2GiB, 1500M); sizes the work units. "
@@ -130,10 +139,13 @@ def _print_help() -> None:
 
 
 RESUME = "(only complete mags are listed; rerun the same command to resume)"
+INTERRUPTED = f"beam-downsample: interrupted {RESUME}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["verify"]:  # `beam-downsample verify TARGET ...`: its own flags
+        return verify_cli.main(argv[1:])
     if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[1:]):
         _print_help()
         return 0
@@ -155,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampling_mode=_flag_value("sampling-mode"),
             coarsest_mag=_flag_value("coarsest-mag"),
             interpolation=_flag_value("interpolation"),
+            ignore_background=_flag_value("ignore-background"),
             bboxes=[refresh.parse_box(text) for text in _flag_value("bbox") or ()],
             bbox_file=_flag_value("bbox-file"),
             distribution_strategy=_flag_value("distribution-strategy"),
@@ -175,19 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         result = job.run(progress=True)
+    except UnitFailed as error:  # names the object and the remedy already
+        print(f"beam-downsample: error: {error} (only complete mags are listed; a rerun resumes)", file=sys.stderr)
+        return 1
     except RunError as error:
         print(f"beam-downsample: error: {error} {RESUME}", file=sys.stderr)
         return 1
     except Error as error:
         return _fail(str(error))
     except KeyboardInterrupt:
-        print(f"beam-downsample: interrupted {RESUME}", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     if result.dry_run:  # Dataflow's --dry_run=True: built, not run
         return 0
     if any(layer.made or layer.refreshed for layer in result.layers.values()):
-        summary = ", ".join(f"{k}={v}" for k, v in sorted(result.metrics.items()))
-        print(f"done: {summary}" if summary else "done")
+        summary = ", ".join(f"{k}={v}" for k, v in sorted(accounting.work_metrics(result.metrics).items()))
+        requests = accounting.describe(result.requests)
+        print(("done: " + summary if summary else "done") + (f"; {requests}" if requests else ""))
     return 0
 
 
@@ -196,9 +213,19 @@ def _warn(message: str) -> None:
 
 
 def run() -> None:
+    """The console script: `main`, then the exit status of the contract (docs/exit-status.md):
+    0 every planned mag listed, 1 a fault during the run, 2 bad usage or dataset, 130 Ctrl-C;
+    no thread of ours outlives it (`exiting`)."""
     limit_malloc_arenas()
-    status = main()
-    # The interpreter's last collections at exit would walk every object left (Beam's pipeline,
-    # numba's compiler state): 0.4-0.9 s on one core after the work is done. Frozen objects are skipped.
-    gc.freeze()
-    sys.exit(status)
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        status = 130
+    except Exception as error:  # pylint: disable=broad-except
+        if os.environ.get("BEAM_DOWNSAMPLE_VERBOSE") == "1":
+            raise
+        print(f"beam-downsample: error: {type(error).__name__}: {api.root_cause(error)} (rerun the same command; "
+              "BEAM_DOWNSAMPLE_VERBOSE=1 shows where it happened)", file=sys.stderr)
+        status = 1
+    exiting.exit_process(status)

@@ -8,6 +8,7 @@ so that a missing extra is one line naming it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
@@ -16,6 +17,7 @@ import math
 import re
 import signal
 import threading
+import time
 import uuid
 from typing import Iterator, Optional
 
@@ -225,11 +227,14 @@ class LocalDask(Cluster):
 
 
 class Slurm(Cluster):
-    """A dask-jobqueue SLURMCluster scaled to `jobs` SLURM jobs."""
+    """A dask-jobqueue SLURMCluster scaled to `jobs` SLURM jobs; a job whose worker is lost
+    (scancel, preemption, time limit, out of memory) is submitted again, REPLACEMENTS_PER_JOB
+    x `jobs` times in all (`JobReplacer`)."""
 
     def __init__(self, settings: dict, jobs: int):
         self.settings = settings
         self.jobs = jobs
+        self.replacer: Optional[JobReplacer] = None
 
     def job_script(self) -> str:
         """The script each job is submitted with, built by dask-jobqueue without starting a scheduler."""
@@ -239,15 +244,129 @@ class Slurm(Cluster):
         return job.job_script()
 
     def describe(self) -> str:
-        return f"slurm: {self.jobs} job(s) of this script (sbatch):\n{self.job_script()}"
+        return (f"slurm: {self.jobs} job(s) of this script (sbatch); a lost job is submitted again, at most "
+                f"{REPLACEMENTS_PER_JOB * self.jobs} times in all:\n{self.job_script()}")
 
     @contextlib.contextmanager
     def started(self) -> Iterator[str]:
         SLURMCluster = import_keeping_sigint("dask_jobqueue").SLURMCluster  # pylint: disable=invalid-name
+        import dask  # pylint: disable=import-outside-toplevel
 
-        with contextlib.closing(SLURMCluster(**self.settings)) as cluster:
+        # A lost job's entry is dropped this long after its worker left (then it can be replaced).
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_JOB_SECONDS}), \
+                contextlib.closing(SLURMCluster(**self.settings)) as cluster:
             cluster.scale(jobs=self.jobs)
-            yield cluster.scheduler_address
+            self.replacer = JobReplacer(cluster, REPLACEMENTS_PER_JOB * self.jobs)
+            try:
+                yield cluster.scheduler_address
+            finally:
+                self.replacer.stop()
+
+
+REPLACEMENTS_PER_JOB = 2
+LOST_JOB_SECONDS = "1s"
+
+
+class JobReplacer:
+    """Submits a SLURM job again when it was lost, at most `limit` times in all.
+
+    Runs as a periodic callback on the cluster's own event loop (no thread of ours):
+    a job whose worker left is dropped by dask's SpecCluster (after
+    `distributed.deploy.lost-worker-timeout`) but stays in its `worker_spec`; a job
+    that left the queue before its worker joined (cancelled while pending) is
+    dropped here, from `squeue`. `scale` then starts it again under the same name.
+    Past the limit the entry is removed instead, so the run goes on with the jobs
+    it has (and ends in one line once none is left). `news()` gives the
+    launcher's log lines."""
+
+    CHECK_MS = 500
+    QUEUE_SECONDS = 5.0  # how often jobs whose worker has not joined are looked up in squeue
+    ENDED = ("COMPLETING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL",
+             "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
+
+    def __init__(self, cluster, limit: int):
+        from tornado.ioloop import PeriodicCallback  # pylint: disable=import-outside-toplevel
+
+        self._cluster = cluster
+        self.limit = limit
+        self.submitted = 0
+        self._seen: set = set()  # jobs that were started (before: their start is still under way)
+        self._news: list[str] = []
+        self._lock = threading.Lock()
+        self._queue_checked = time.monotonic()
+        self._callback = PeriodicCallback(self._check, self.CHECK_MS)
+        cluster.loop.add_callback(self._callback.start)
+
+    async def _check(self) -> None:
+        cluster = self._cluster
+        self._seen.update(cluster.workers)
+        if time.monotonic() - self._queue_checked > self.QUEUE_SECONDS:
+            self._queue_checked = time.monotonic()
+            await self._drop_jobs_that_left_the_queue()
+        lost = [name for name in list(cluster.worker_spec) if name not in cluster.workers and name in self._seen]
+        if not lost:
+            return
+        room = max(self.limit - self.submitted, 0)
+        for name in lost[room:]:
+            del cluster.worker_spec[name]
+        replaced = lost[:room]
+        self.submitted += len(replaced)
+        with self._lock:
+            for _ in replaced:
+                self._news.append(f"submitted a replacement SLURM job ({self.submitted - len(replaced) + 1} of at "
+                                  f"most {self.limit} in this run)")
+            if lost[room:]:
+                self._news.append(f"no replacement for {len(lost) - room} lost SLURM job(s): all {self.limit} "
+                                  "replacements of this run are used")
+        if replaced:
+            cluster.scale(jobs=len(cluster.worker_spec))  # starts the jobs missing from `workers`
+
+    async def _drop_jobs_that_left_the_queue(self) -> None:
+        """Jobs whose worker never joined and that SLURM no longer runs or queues are lost."""
+        cluster = self._cluster
+        ids = {getattr(job, "job_id", None): name for name, job in list(cluster.workers.items())
+               if name not in self._joined()}
+        ids.pop(None, None)
+        if not ids:
+            return
+        queued = await self._queued(sorted(ids))
+        if queued is None:  # squeue could not tell: judge nothing
+            return
+        for job_id, name in ids.items():
+            if job_id not in queued:
+                cluster.workers.pop(name, None)
+
+    @classmethod
+    async def _queued(cls, job_ids: list) -> Optional[set]:
+        """The ids among `job_ids` that SLURM still queues or runs; None if squeue fails."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        if process.returncode != 0:
+            return set() if b"Invalid job id" in err else None  # every id unknown: all of them ended long ago
+        states = dict(line.split()[:2] for line in out.decode(errors="replace").splitlines() if len(line.split()) >= 2)
+        return {job_id for job_id, state in states.items() if state not in cls.ENDED}
+
+    def _joined(self) -> set:
+        return {info.get("name") for info in dict(self._cluster.scheduler_info.get("workers", {})).values()}
+
+    def news(self) -> list[str]:
+        """Log lines since the last call."""
+        with self._lock:
+            news, self._news = self._news, []
+        return news
+
+    def waiting(self) -> bool:
+        """Whether a job is submitted (or about to be) whose worker has not joined yet."""
+        joined = self._joined()
+        return any(name not in joined for name in list(self._cluster.worker_spec))
+
+    def stop(self) -> None:
+        self._cluster.loop.add_callback(self._callback.stop)
 
 
 class Kubernetes(Cluster):

@@ -32,6 +32,11 @@ class ProgressBar:
         self._log = not (hasattr(stream, "isatty") and stream.isatty())
         return self
 
+    @property
+    def seconds(self) -> float:
+        """How often this display shows progress (0: whenever asked): the bucket is read no more often."""
+        return self._interval if self._log else 0.0
+
     def update(self, done: int, total: int, label: str) -> None:
         if self._log:
             self._log_line(done, total, label)

@@ -190,6 +190,7 @@ class Engine:
                 raise KeyboardInterrupt
             runner = ClosingDaskRunner(interrupted)
             runner.strategy = self.strategy  # how a lost worker is described (run.watch)
+            runner.replacer = getattr(self.cluster, "replacer", None)  # lost SLURM jobs submitted again
             yield runner, PipelineOptions(self.flags, address=address, **self.overrides)
 
 

@@ -5,7 +5,6 @@ start-up lines per process; our handler lets only warnings and errors
 through, minus the harmless ones every worker emits.
 """
 
-import gc
 import logging
 import os
 import sys
@@ -44,7 +43,9 @@ def main() -> None:
     from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=import-outside-toplevel
 
     sdk_worker_main.main(sys.argv)
-    gc.freeze()  # no collection of everything at exit (see cli.run)
+    from beam_downsample.launch import exiting  # pylint: disable=import-outside-toplevel
+
+    exiting.exit_process(0)  # no kernel loader or other thread of ours runs into the interpreter's exit
 
 
 if __name__ == "__main__":

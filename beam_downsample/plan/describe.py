@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 from beam_downsample.core.mags import mag_name
@@ -25,8 +26,14 @@ def describe(plans: Sequence[LayerPlan]) -> str:
             + _sparse_note(plan, i)
             for i, (p, indices) in enumerate(zip(plan.passes, plan.planned))
         )
-        lines.append(f"{plan.layer.name}: {passes}")
+        lines.append(f"{plan.layer.name}{_reduction_note(plan)}: {passes}")
     return "\n".join(lines)
+
+
+def _reduction_note(plan: LayerPlan) -> str:
+    """` (mode over non-zero voxels)` with `--ignore-background`, else nothing."""
+    config = plan.configs[0]
+    return f" ({config.interpolation} over non-zero voxels)" if config.reduction != config.interpolation else ""
 
 
 def pass_sizes(plans: Sequence[LayerPlan]) -> list[tuple[int, float]]:
@@ -47,19 +54,26 @@ def _sparse_note(plan: LayerPlan, index: int) -> str:
     count, total = len(plan.planned[index]), plan.grids[index].count
     if count == total:
         return ""
+    if plan.exact and plan.exact[index]:
+        return f" ({count:,} of {total:,} work units hold data)"
     listed = index == 0 or plan.configs[index - 1].refresh  # planned from a listing of a complete mag
-    return f" ({'' if listed else 'at most '}{count:,} of {total:,} work units hold data)"
+    why = "their shards or files do; the workers skip the empty ones" if listed else "mapped from the pass before"
+    return f" (at most {count:,} of {total:,} work units hold data: {why})"
 
 
 def interrupted_refreshes(dataset: Dataset, plans: Sequence[LayerPlan]) -> list[str]:
     """Warnings for refreshes of these layers that were interrupted and not rerun: their
-    mags are partly refreshed until the same boxes run again (one listing per layer, and
-    one read per interrupted refresh of several boxes)."""
+    mags are partly refreshed until the same boxes run again (from the listing of each layer's
+    state that planning made, else one listing per layer; and one read per interrupted refresh
+    of several boxes)."""
     warnings = []
-    for plan in plans:
+    listed = storage.concurrently([(lambda names=plan.state_names: list(names)) if plan.state_names is not None
+                                   else functools.partial(storage.list_names, storage.join_inside(
+                                       dataset.path, STATE_DIR, plan.layer.name)) for plan in plans], dataset.path)
+    for plan, names in zip(plans, listed):
         state = storage.join_inside(dataset.path, STATE_DIR, plan.layer.name)
         found: dict[tuple, str] = {}  # boxes -> the file that lists them (several boxes)
-        for name in sorted(storage.list_names(state)):
+        for name in sorted(names):
             boxes, path = refresh.refresh_dir(name), ""
             if boxes == ():  # several boxes: they are listed in the pass directory
                 path = storage.join_inside(state, name, refresh.BOXES_FILE)

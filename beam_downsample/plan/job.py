@@ -10,6 +10,7 @@ checked here before the first byte is written (`run.job` runs the plan).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from beam_downsample.core.mags import Mag
 from beam_downsample.plan import layers, passes, pyramid, units
 from beam_downsample.plan.options import JobOptions
 from beam_downsample.plan.passes import WORKER_OVERHEAD_BYTES
+from beam_downsample.store import arrays, storage
 from beam_downsample.store.properties import Dataset, Layer
 
 
@@ -42,6 +44,12 @@ class LayerPlan:
     configs: tuple[PassConfig, ...]  # per pass
     dense_reason: Optional[str] = None  # why pass 1 plans every unit
     refresh_boxes: tuple[Box, ...] = ()  # `--bbox` within the layer; its passes with `config.refresh` refresh them
+    exact: tuple[bool, ...] = ()  # per pass: planned units are exactly those holding data (else an upper bound)
+    # per pass: a listing of its state the launcher made while holding the layer's lock (`run.job.create_targets`),
+    # still current when the pass starts (nothing else writes there), so the pass need not list it again
+    listed: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    source_metadata: Optional[dict] = None  # pass 1's source array metadata as planning read it (zarr only)
+    state_names: Optional[tuple] = None  # the names in the layer's state directory when it was planned
 
     @property
     def units(self) -> tuple[tuple[WorkUnit, ...], ...]:
@@ -51,20 +59,36 @@ class LayerPlan:
 
 def plan_job(dataset: Dataset, options: JobOptions) -> list[LayerPlan]:
     """Plans every selected layer; raises DatasetError/PlanningError/RefreshError before touching anything."""
-    chosen = layers.select(dataset, options)
-    align_with = pyramid.aligned_with(dataset, chosen, options)
-    budget = passes.unit_budget(options)
-    plans = []
-    for layer in chosen:
-        source = layers.source_mag(layer, options)
-        targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
-        chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
-        grids, planned, configs, dense_reason = units.layer_units(layer, chain, budget)
-        plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.boxes)
-        check_worker_memory(plan, options)
-        plans.append(plan)
+    with arrays.metadata_read_once():
+        chosen = layers.select(dataset, options)
+        align_with = pyramid.aligned_with(dataset, chosen, options)
+        budget = passes.unit_budget(options)
+        # the layers at once: on a bucket each one's listings and reads wait on latency, not on the others
+        # (and meanwhile each layer's state directory, for the warnings of `describe.interrupted_refreshes`)
+        done = storage.concurrently([functools.partial(plan_layer, dataset, layer, options, align_with, budget)
+                                     for layer in chosen]
+                                    + [functools.partial(storage.list_names, storage.join_inside(
+                                        dataset.path, arrays.STATE_DIR, layer.name)) for layer in chosen],
+                                    dataset.path)
+    plans = [dataclasses.replace(plan, state_names=tuple(names))
+             for plan, names in zip(done[:len(chosen)], done[len(chosen):])]
     layers.check_write_paths(dataset, plans)
     return plans
+
+
+def plan_layer(dataset: Dataset, layer: Layer, options: JobOptions, align_with, budget) -> LayerPlan:
+    """One layer's plan: its mags, passes and units (steps 2-4)."""
+    source = layers.source_mag(layer, options)
+    targets = pyramid.layer_mags(dataset, layer, source, options, align_with)
+    chain = passes.layer_passes(dataset, layer, source, targets, options, budget)
+    grids, planned, configs, dense_reason, exact = units.layer_units(layer, chain, budget)
+    metadata = None
+    if configs and configs[0].source_spec["driver"] != "wkw":  # read during planning already: no request
+        metadata = arrays.open_array(configs[0].source_spec, open=True).spec().to_json()["metadata"]
+    plan = LayerPlan(layer, tuple(targets), chain.passes, grids, planned, configs, dense_reason, chain.boxes, exact,
+                     source_metadata=metadata)
+    check_worker_memory(plan, options)
+    return plan
 
 
 def check_worker_memory(plan: LayerPlan, options: JobOptions) -> None:
@@ -99,5 +123,13 @@ def pass_units(plans: Sequence[LayerPlan], index: int, listed: bool = True) -> l
     planning's upper bound.
     """
     active = [p for p in plans if index < len(p.passes)]
-    return [p.planned[index] if index == 0 or not listed or p.configs[index].refresh
-            else units.source_units(p.configs[index], p.grids[index])[0] for p in active]
+    if index == 0 or not listed or not active:
+        return [p.planned[index] for p in active]
+    return storage.concurrently([functools.partial(_listed_units, p, index) for p in active],
+                                active[0].configs[index].marker_dir)
+
+
+def _listed_units(plan: LayerPlan, index: int) -> np.ndarray:
+    if plan.configs[index].refresh:
+        return plan.planned[index]
+    return units.source_units(plan.configs[index], plan.grids[index])[0]

@@ -6,13 +6,14 @@ mags where we rewrite them) and every path the run will write.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Sequence
 
 from beam_downsample.core.mags import Mag, mag_name, sort_mags
 from beam_downsample.plan import refresh
 from beam_downsample.plan.options import JobOptions
-from beam_downsample.store import arrays, locks, storage
+from beam_downsample.store import arrays, locks, reductions, storage
 from beam_downsample.store.arrays import STATE_DIR
 from beam_downsample.store.properties import PROPERTIES_FILE, Dataset, DatasetError, Layer
 
@@ -24,8 +25,8 @@ def select(dataset: Dataset, options: JobOptions) -> list[Layer]:
     """The layers to plan (all, or `--layer-name`), each checked: writable, and its source mag readable."""
     layers = [dataset.layer(options.layer_name)] if options.layer_name else list(dataset.layers)
     check_writable(dataset.path, [layer.name for layer in layers])
-    for layer in layers:
-        arrays.check_source_array(layer, dataset.path, source_mag(layer, options))
+    storage.concurrently([functools.partial(arrays.check_source_array, layer, dataset.path, source_mag(layer, options))
+                          for layer in layers], dataset.path)
     return layers
 
 
@@ -61,6 +62,22 @@ def check_refreshable(dataset: Dataset, layer: Layer, source: Mag) -> None:
             arrays.check_wkw_layout(layer, dataset.path, mag)
 
 
+def check_same_reduction(dataset: Dataset, layer: Layer, refreshed: Sequence[Mag], interpolation: str,
+                         ignore_background: bool) -> None:
+    """A refresh must reduce as the mags it refreshes were made (`store.reductions` records
+    that), or they would mix two reductions. Unrecorded mags were made plainly."""
+    recorded = reductions.read(dataset.path, layer.name)
+    wanted = reductions.Reduction.of(interpolation, ignore_background)
+    for mag in refreshed:
+        made = reductions.reduction_of(recorded, mag)
+        same = made.ignore_background == wanted.ignore_background and made.interpolation in (None, interpolation)
+        if not same:
+            raise refresh.RefreshError(
+                f"layer {layer.name!r} mag {mag_name(mag)} was made with {made.describe()}, and this --bbox "
+                f"refresh would use {wanted.describe()}; refresh it as it was made ({made.options()})"
+            )
+
+
 def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
     """Every file the run will create or replace outside the pass configs (which
     already built theirs through `storage.join_inside`) is checked before the
@@ -71,3 +88,4 @@ def check_write_paths(dataset: Dataset, plans: Sequence[LayerPlan]) -> None:
         storage.join_inside(dataset.path, STATE_DIR, plan.layer.name)
         locks.lock_path(dataset.path, plan.layer.name)
         arrays.ngff_files(plan.layer, dataset.path)
+        reductions.record_path(dataset.path, plan.layer.name)

@@ -24,6 +24,8 @@ class JobOptions:
     layer_name: Optional[str] = None
     coarsest_mag: Optional[Mag] = None
     interpolation: Optional[str] = None
+    # `--ignore-background`: reduce each block's non-zero voxels only (every layer planned, like `interpolation`)
+    ignore_background: bool = False
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     jobs: int = 1  # worker processes the units are sized for; 0: the launcher runs the units itself
     # Cluster workers (not on this machine) run one unit at a time each, with this much memory and these cores.
@@ -34,7 +36,8 @@ class JobOptions:
 
 
 def job_options(*, sampling_mode: str = "anisotropic", layer_name: Optional[str] = None, coarsest_mag: Any = None,
-                interpolation: Optional[str] = None, bboxes: Iterable[Any] = (), **sizing: Any) -> JobOptions:
+                interpolation: Optional[str] = None, ignore_background: bool = False, bboxes: Iterable[Any] = (),
+                **sizing: Any) -> JobOptions:
     """JobOptions from what a user gave (flags or keywords): `coarsest_mag` as `8`, `"16-16-8"`
     or three numbers, boxes as `refresh.as_box` takes them; `sizing` are the other fields.
     Raises UsageError naming the option."""
@@ -42,6 +45,8 @@ def job_options(*, sampling_mode: str = "anisotropic", layer_name: Optional[str]
         raise UsageError(f"--sampling-mode: {sampling_mode!r} is not one of {', '.join(SAMPLING_MODES)}")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise UsageError(f"--interpolation: {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+    if not isinstance(ignore_background, bool):
+        raise UsageError(f"--ignore-background: expected True or False, got {ignore_background!r}")
     if layer_name is not None and not isinstance(layer_name, str):
         raise UsageError(f"--layer-name: expected a layer's name, got {layer_name!r}")
     coarsest = None
@@ -54,4 +59,4 @@ def job_options(*, sampling_mode: str = "anisotropic", layer_name: Optional[str]
         bboxes = [bboxes]
     boxes = refresh.normalised(refresh.as_box(box, f"bboxes[{index}]") for index, box in enumerate(bboxes or ()))
     return JobOptions(sampling_mode=sampling_mode, layer_name=layer_name, coarsest_mag=coarsest,
-                      interpolation=interpolation, bboxes=boxes, **sizing)
+                      interpolation=interpolation, ignore_background=ignore_background, bboxes=boxes, **sizing)

@@ -15,7 +15,7 @@ from beam_downsample.core.machine import available_cores
 from beam_downsample.core.mags import Mag, factor_between, mag_name
 from beam_downsample.kernels import reduce
 from beam_downsample.plan import refresh
-from beam_downsample.plan.layers import check_refreshable
+from beam_downsample.plan.layers import check_refreshable, check_same_reduction
 from beam_downsample.plan.options import JobOptions
 from beam_downsample.store import arrays, storage
 from beam_downsample.store.arrays import STATE_DIR
@@ -66,10 +66,12 @@ def layer_passes(
         boxes = refresh.layer_boxes(options.bboxes, layer)
         kept, made = refresh.split_chain(layer, source, targets)
         check_refreshable(dataset, layer, source)
+        check_same_reduction(dataset, layer, kept, interpolation, options.ignore_background)
         first = group_passes(source, kept, bytes_per_voxel, budget)
         passes = first + group_passes(kept[-1] if kept else source, made, bytes_per_voxel, budget)
         refreshing = len(first)
-    configs = [pass_config(dataset, layer, index, a_pass, interpolation, budget, boxes if index < refreshing else ())
+    configs = [pass_config(dataset, layer, index, a_pass, interpolation, budget, boxes if index < refreshing else (),
+                           options.ignore_background)
                for index, a_pass in enumerate(passes)]
     return LayerPasses(tuple(passes), tuple(configs), refreshing, boxes)
 
@@ -98,15 +100,16 @@ def group_passes(
     return passes
 
 
-def pass_dir_name(a_pass: Pass, interpolation: str) -> str:
-    """Markers are only reused by a rerun that would write the same voxels."""
+def pass_dir_name(a_pass: Pass, reduction: str) -> str:
+    """Markers are only reused by a rerun that would write the same voxels (the same
+    mags, the same reduction: `mode` and `mode-nonzero` differ)."""
     mags = mag_name(a_pass.source_mag) + "_to_" + "_".join(mag_name(m) for m in a_pass.target_mags)
-    return f"{mags}_{interpolation}"
+    return f"{mags}_{reduction}"
 
 
 def pass_config(
     dataset: Dataset, layer: Layer, index: int, a_pass: Pass, interpolation: str, budget: UnitBudget,
-    boxes: Sequence[Box] = (),
+    boxes: Sequence[Box] = (), ignore_background: bool = False,
 ) -> PassConfig:
     """`boxes`: this pass refreshes the existing target mags inside them (mag-1 voxels)."""
     if index == 0:
@@ -135,11 +138,13 @@ def pass_config(
         channels=layer.num_channels,
         interpolation=interpolation,
         levels=tuple(levels),
-        marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name, pass_dir_name(a_pass, interpolation)
+        marker_dir=storage.join_inside(dataset.path, STATE_DIR, layer.name,
+                                       pass_dir_name(a_pass, reduce.reduction(interpolation, ignore_background))
                                        + (refresh.marker_suffix(boxes) if boxes else "")),
         tile_alignment=tile_alignment(a_pass),
         threads=budget.threads,
         tile_voxels=budget.tile_voxels,
         refresh=bool(boxes),
         regions=refresh.source_regions(boxes, layer.bbox, a_pass),
+        ignore_background=ignore_background,
     )

@@ -21,7 +21,7 @@ from beam_downsample.core.grid import CHUNK, MAX_GRID_UNITS, SHARD, Pass, UnitBu
 from beam_downsample.core.mags import factor_between
 from beam_downsample.plan import refresh
 from beam_downsample.plan.passes import LayerPasses
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, prefetch, stored
 from beam_downsample.store.properties import Layer
 
 if TYPE_CHECKING:
@@ -41,31 +41,40 @@ REFINE_CACHE_BYTES = 256 << 20  # shard indices read once, not once per unit
 COMPILED_MIN_VOXELS = 32 << 20
 
 
-def layer_units(layer: Layer, chain: LayerPasses, budget: UnitBudget) -> tuple[tuple, tuple, tuple, Optional[str]]:
+def layer_units(layer: Layer, chain: LayerPasses,
+                budget: UnitBudget) -> tuple[tuple, tuple, tuple, Optional[str], tuple]:
     """Per pass the unit grid, the planned unit indices and the config (whether the pass
-    uses the compiled kernels depends on its units); and why pass 1 plans every unit, if it does."""
+    uses the compiled kernels depends on its units); why pass 1 plans every unit, if it does;
+    and per pass whether the planned units are exactly those holding data (else an upper bound)."""
     bytes_per_voxel = layer.dtype.itemsize * layer.num_channels
     grids: list[UnitGrid] = []
     planned: list[np.ndarray] = []
     configs: list[PassConfig] = []
+    exact: list[bool] = []
     dense_reason = None
     for index, (a_pass, config) in enumerate(zip(chain.passes, chain.configs)):
         refreshes = index < chain.refreshing
-        grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, budget)
+        pass_budget = dataclasses.replace(budget, remote=prefetch.is_remote(config.source_spec))
+        grid = plan_grid(layer.name, index, a_pass, layer.bbox, bytes_per_voxel, pass_budget)
         if refreshes:
             grid = refresh.refresh_grid(grid, config.regions)
         if index == 0 or index == chain.refreshing:  # the source is a complete mag: list it
-            indices, reason = source_units(config, grid, regions=config.regions)
+            indices, reason, listed_exactly = source_units(config, grid, regions=config.regions)
             if not refreshes:
                 dense_reason = reason
         else:  # the pass before has not run yet: what it can have written
-            indices = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid)
+            indices, listed_exactly = map_units(grids[-1], planned[-1], chain.passes[index - 1], grid), False
         if refreshes:  # also where the targets hold data, which the edit may have erased; only in the boxes
-            indices = np.intersect1d(refresh_units(config, grid, indices), refresh.box_units(grid, config.regions))
+            indices, target_exactly = refresh_units(config, grid, indices)
+            indices = np.intersect1d(indices, refresh.box_units(grid, config.regions))
+            listed_exactly = listed_exactly and target_exactly
         grids.append(grid)
         planned.append(indices)
-        configs.append(dataclasses.replace(config, compiled=_voxels(grid, indices, config.regions) >= COMPILED_MIN_VOXELS))
-    return tuple(grids), tuple(planned), tuple(configs), dense_reason
+        exact.append(listed_exactly)
+        configs.append(dataclasses.replace(
+            config, compiled=_voxels(grid, indices, config.regions) >= COMPILED_MIN_VOXELS,
+            prefetch_bytes=pass_budget.prefetch_bytes(a_pass, _largest_unit(grid), bytes_per_voxel)))
+    return tuple(grids), tuple(planned), tuple(configs), dense_reason, tuple(exact)
 
 
 def unit_shape(
@@ -77,8 +86,20 @@ def unit_shape(
     """Source-mag voxels per unit: whole coarsest chunks, grown while in budget.
 
     Units never exceed one shard of the pass's first target mag, so one unit
-    writes each level with one call into one shard.
+    writes each level with one call into one shard. The shortest axis grows
+    first (of two equally long, x). For a remote source z grows first until
+    the unit spans a shard's depth (or the region's), then y, then x: a shard
+    stores its chunks x slowest (c, x, y, z), so such a unit is one contiguous
+    run of each shard, fetched in one request per box (store.prefetch); and a
+    remote unit grows only while it is fetched in at most
+    `UnitBudget.MAX_FETCHED_BOXES` boxes.
     """
+    if budget.remote:
+        def order(axis: int) -> tuple:  # z, y, x, each until it spans a shard; then the same again
+            return (shape[axis] >= min(needed[axis], SHARD), -axis)
+    else:
+        def order(axis: int) -> tuple:
+            return (shape[axis],)
     factor = factor_between(a_pass.source_mag, a_pass.coarsest)
     first = factor_between(a_pass.source_mag, a_pass.target_mags[0])
     shape = [CHUNK * f for f in factor]
@@ -88,13 +109,13 @@ def unit_shape(
     grown = True
     while grown:
         grown = False
-        for axis in sorted(range(3), key=lambda a: shape[a]):
+        for axis in sorted(range(3), key=order):
             candidate = list(shape)
             candidate[axis] *= 2
             if (
                 shape[axis] < needed[axis]
                 and candidate[axis] <= limit[axis]
-                and budget.unit_bytes(a_pass, candidate, bytes_per_voxel) <= budget.bytes
+                and budget.fits(a_pass, candidate, bytes_per_voxel)
             ):
                 shape = candidate
                 grown = True
@@ -136,37 +157,57 @@ def plan_units(
 
 
 def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True,
-                 regions: Sequence[Box] = ()) -> tuple[np.ndarray, Optional[str]]:
+                 regions: Sequence[Box] = ()) -> tuple[np.ndarray, Optional[str], bool]:
     """The grid's units whose source box holds stored data, from one listing of the
-    source mag: (indices, None), or (every index, why) where a listing cannot tell.
-    With `regions` (a refresh's boxes) only data inside them counts."""
+    source mag: (indices, None, exact), or (every index, why, True) where a listing cannot
+    tell; `exact` False: some of them may hold nothing (`stored_units`). With `regions`
+    (a refresh's boxes) only data inside them counts."""
     try:
-        return stored_units(config.source_spec, grid, refine=refine, regions=regions), None
+        indices, exact = stored_units(config.source_spec, grid, refine=refine, regions=regions)
+        return indices, None, exact
     except stored.Dense as reason:
-        return grid.all_indices(), str(reason)
+        return grid.all_indices(), str(reason), True
+
+
+# Shard indices planning reads to find the units that hold data: at most 64 MiB (128 shards of 32^3
+# chunks in 1024^3, the reference layout). Beyond that the workers answer it: each reads the indices
+# of its unit's shards anyway and skips a unit over empty space.
+PLAN_INDEX_BYTES = 64 << 20
 
 
 def stored_units(spec: dict, grid: UnitGrid, factor=(1, 1, 1), refine: bool = True,
-                 regions: Sequence[Box] = ()) -> np.ndarray:
+                 regions: Sequence[Box] = ()) -> tuple[np.ndarray, bool]:
     """The grid's units whose box holds stored data in the array of `spec` (`factor` times
     coarser than the grid's voxels), from one listing of its keys; raises stored.Dense.
     With `regions` (grid voxels) only stored data inside them counts.
+    Returns (indices, exact): not exact where some stored keys (a 1024^3 shard, a wkw file)
+    cover several units and were not looked into, so that some units may hold nothing.
 
-    Where a stored key covers several units (a 1024^3 shard, a wkw file) and the
-    candidates are few, a sharded zarr3 array lists the chunks each stored shard
-    holds (one read of its index), others check each candidate with tensorstore's
-    storage statistics (no data read), all at once.
+    Where keys cover several units and the candidates are few, a sharded zarr3 array
+    lists the chunks each stored shard holds (one read of its index), if those indices
+    are at most PLAN_INDEX_BYTES; a local array of other layouts checks each candidate
+    with tensorstore's storage statistics (no data read), all at once (on a bucket they
+    cost object-metadata requests per candidate: not done).
     """
     factor = np.array(factor)
-    starts, stops = stored.stored_boxes(spec)
+    array, starts, stops = (None, *stored.stored_boxes(spec)) if spec["driver"] == "wkw" else stored.listed(spec)
     piece_starts, piece_stops, keys = _inside(starts * factor, stops * factor, regions)
     indices = grid.overlapping(piece_starts, piece_stops)
+    if not grid.spans_several(piece_starts, piece_stops):
+        return indices, True
     if not refine or not 0 < len(indices) <= REFINE_LIMIT or spec["driver"] == "wkw":
-        return indices
-    chunks = stored.stored_chunk_boxes(spec, starts[np.unique(keys)]) if spec["driver"] == "zarr3" else None
-    if chunks is not None:
-        return grid.overlapping(*_inside(chunks[0] * factor, chunks[1] * factor, regions)[:2])
-    return _refine(spec, grid, indices, factor)
+        return indices, False
+    index_bytes = stored.shard_index_bytes(array) if spec["driver"] == "zarr3" else None
+    if index_bytes is not None:
+        shards = starts[np.unique(keys)]
+        if len(shards) * index_bytes > PLAN_INDEX_BYTES:
+            return indices, False
+        chunks = stored.stored_chunk_boxes(spec, shards, array)
+        if chunks is not None:
+            return grid.overlapping(*_inside(chunks[0] * factor, chunks[1] * factor, regions)[:2]), True
+    if prefetch.is_remote(spec):
+        return indices, False
+    return _refine(spec, grid, indices, factor), True
 
 
 def _inside(starts: np.ndarray, stops: np.ndarray, regions: Sequence[Box],
@@ -209,7 +250,7 @@ def _refine(spec: dict, grid: UnitGrid, indices: np.ndarray, factor) -> np.ndarr
     return indices[keep]
 
 
-def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.ndarray:
+def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> tuple[np.ndarray, bool]:
     """A refresh pass's units: where its source holds data (`source`), and where its first
     target mag holds data, which must be cleared if the edit erased it (one listing, then
     the shard indices or storage statistics of the candidates), so a big box over a sparse
@@ -220,10 +261,10 @@ def refresh_units(config: PassConfig, grid: UnitGrid, source: np.ndarray) -> np.
     each finer mag (outside the box a refresh trusts the existing mags anyway)."""
     level = config.levels[0]
     try:
-        target = stored_units(level.spec, grid, level.factor, regions=config.regions)
+        target, exact = stored_units(level.spec, grid, level.factor, regions=config.regions)
     except stored.Dense:
-        return grid.all_indices()
-    return np.union1d(source, target)
+        return grid.all_indices(), True
+    return np.union1d(source, target), exact
 
 
 def map_units(previous: UnitGrid, indices: np.ndarray, previous_pass: Pass, grid: UnitGrid) -> np.ndarray:
@@ -253,9 +294,11 @@ def units_work(plans: Sequence[LayerPlan], index: int, indices: Sequence[np.ndar
 def unit_memory(plan: LayerPlan, index: int) -> float:
     """Estimated peak memory of the pass's largest unit (the model that sized the units)."""
     config = plan.configs[index]
-    budget = UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels)
+    budget = UnitBudget(bytes=0, threads=config.threads, tile_voxels=config.tile_voxels,
+                        remote=config.prefetch_bytes > 0)
     bytes_per_voxel = plan.layer.dtype.itemsize * plan.layer.num_channels
-    return budget.unit_bytes(plan.passes[index], _largest_unit(plan.grids[index]), bytes_per_voxel)
+    return budget.unit_bytes(plan.passes[index], _largest_unit(plan.grids[index]), bytes_per_voxel,
+                             config.prefetch_bytes or None)
 
 
 def _largest_unit(grid: UnitGrid) -> tuple[int, ...]:

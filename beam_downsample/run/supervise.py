@@ -7,8 +7,9 @@ line, and the units without a done-marker (one listing) run again, a
 bounded number of times. A unit that killed its worker KILLS_PER_UNIT times
 is reported by name. Multi-process FnApiRunner pipelines never finish after
 a death, so they are abandoned (their remaining workers killed, the thread
-left blocked; it is a daemon and does not hold up the exit); dask reruns
-the lost tasks itself and we only watch.
+left blocked and renamed `... (abandoned)`: the process's exit does not wait
+for it and leaves without finalizing under it, see `launch.exiting`); dask
+reruns the lost tasks itself and we only watch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ RUNS_PER_PASS = 4  # the first run and up to three reruns of the units lost with
 KILLS_PER_UNIT = 3
 ABANDON_WAIT_SECONDS = 3.0
 MEMORY_HINT = "lower --memory-budget or raise mem"
+ABANDONED = " (abandoned)"  # the end of the name of a pass thread left blocked on dead workers
 
 
 class WorkerDied(RunError):
@@ -67,6 +69,11 @@ class _Attempt:
         """True when the pipeline has ended."""
         return self._ended.wait(timeout)
 
+    def abandon(self) -> None:
+        """The pipeline will never end (its workers are gone): nobody waits for its thread."""
+        if not self._ended.is_set():
+            self._thread.name += ABANDONED
+
 
 def run_pass(
     index: int,
@@ -92,20 +99,24 @@ def run_pass(
     kills: collections.Counter = collections.Counter()
     watcher = watch.for_runner(runner, options)
     attempt = None
+    ended = False
     try:
         for run in range(1, RUNS_PER_PASS + 1):
-            workerstate.clear(state_dirs)
+            if run > 1:  # (the first run's were deleted with the pass's leftovers: run.job)
+                workerstate.clear(state_dirs)
             watcher.begin()
             attempt = _Attempt(start, units)
             deaths = _watch(attempt, watcher, state_dirs, kills, label, log)
             if not deaths:
                 if attempt.error is not None:
                     raise attempt.error
+                ended = True
                 return attempt.result
             if attempt.error is not None and not _lost_worker_error(attempt.error):
                 raise attempt.error
             units = missing()
             if not units:
+                ended = True
                 return attempt.result
             if run == RUNS_PER_PASS:
                 break
@@ -123,7 +134,8 @@ def run_pass(
                 while not attempt.join(POLL_SECONDS):
                     pass
         watcher.close()
-        workerstate.clear(state_dirs)
+        if not ended:  # (after a pass that ended, they go with the run's state, or when this pass starts again)
+            workerstate.clear(state_dirs)
 
 
 def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log) -> int:
@@ -137,7 +149,10 @@ def _watch(attempt: _Attempt, watcher, state_dirs, kills, label, log) -> int:
             if watcher.abandons_pipeline:
                 watcher.stop_workers()
                 attempt.join(ABANDON_WAIT_SECONDS)
+                attempt.abandon()
                 return deaths
+        for line in watcher.news():  # after the deaths they answer
+            log(f"beam-downsample: {line}")
         reason = watcher.fatal()
         if reason:
             raise WorkerDied(f"{reason} during {label}: the pass cannot finish")

@@ -63,6 +63,10 @@ class Watcher:
         """A reason to give up the pass (no worker left: for a while, or `now`), else None."""
         return None
 
+    def news(self) -> list[str]:
+        """Lines for the log since the last call (e.g. a replacement job submitted)."""
+        return []
+
     def alive(self, state: workerstate.WorkerState) -> bool:
         return state.host != socket.gethostname() or pid_alive(state.pid)
 
@@ -193,10 +197,11 @@ class DaskWorkers(Watcher):
         "kubernetes": ("worker pod", "ended (evicted, preempted or out of memory?)"),
     }
 
-    def __init__(self, address: str, strategy: str = "dask"):
+    def __init__(self, address: str, strategy: str = "dask", replacer=None):
         from distributed import Client  # pylint: disable=import-outside-toplevel
 
         self._client = Client(address, timeout=30, set_as_default=False)
+        self._replacer = replacer  # submits lost SLURM jobs again (launch.clusters.JobReplacer), or None
         self._what, self._verb = self.KINDS.get(strategy, self.KINDS["dask"])
         self._known: dict[str, dict] = {}
         self._empty_since: Optional[float] = None
@@ -220,11 +225,21 @@ class DaskWorkers(Watcher):
         return deaths
 
     def fatal(self, now: bool = False) -> Optional[str]:
+        if self._replacer is not None and self._replacer.waiting():
+            return None  # a replacement job is on its way (it may wait in the queue)
         if now and self._ever and not self._workers():
-            return f"no {self._what} is left"
+            return f"no {self._what} is left" + self._used()
         if self._empty_since is not None and time.monotonic() - self._empty_since > NO_WORKER_GRACE_SECONDS:
-            return f"no {self._what} is left"
+            return f"no {self._what} is left" + self._used()
         return None
+
+    def _used(self) -> str:
+        if self._replacer is None:
+            return ""
+        return f" ({self._replacer.submitted} of at most {self._replacer.limit} replacements submitted)"
+
+    def news(self) -> list[str]:
+        return self._replacer.news() if self._replacer is not None else []
 
     def alive(self, state: workerstate.WorkerState) -> bool:
         if state.address:
@@ -251,5 +266,5 @@ def for_runner(runner, options) -> Watcher:
     if type(runner).__name__.endswith("DaskRunner"):
         address = options.get_all_options().get("address") if options is not None else None
         if address:
-            return DaskWorkers(address, getattr(runner, "strategy", "dask"))
+            return DaskWorkers(address, getattr(runner, "strategy", "dask"), getattr(runner, "replacer", None))
     return Watcher()

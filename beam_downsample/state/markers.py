@@ -7,8 +7,9 @@ listing of the pass's directory, never one request per unit.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -30,11 +31,10 @@ def marker_name(unit: WorkUnit) -> str:
     return "_".join(f"{a}-{b}" for a, b in zip(unit.box.start, unit.box.stop)) + DONE
 
 
-def record_failure(config: PassConfig, unit: WorkUnit, error: BaseException) -> None:
+def record_failure(config: PassConfig, unit: WorkUnit, message: str) -> None:
     """One line saying why the unit failed, for the launcher to report."""
-    message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     path = marker_path(config, unit)[: -len(DONE)] + FAILED
-    storage.write_text(path, f"{type(error).__name__}: {message}\n")
+    storage.write_text(path, " ".join(message.split()) + "\n")
 
 
 def failures(config: PassConfig) -> list[str]:
@@ -57,16 +57,48 @@ def done_names(config: PassConfig) -> set[str]:
     return {name for name in storage.list_names(config.marker_dir) if name.endswith(DONE)}
 
 
+@dataclasses.dataclass(frozen=True)
+class PassListing:
+    """Everything a pass's state directory holds, from one listing of it and all below:
+    done-markers, failure records, and in subdirectories the progress tallies and worker
+    states (`state.progress`, `state.workerstate`). What the launcher reads at the start and
+    at the end of a pass, instead of listing each kind on its own."""
+
+    marker_dir: str
+    names: tuple[str, ...]  # relative to marker_dir, '/'-separated
+
+    @classmethod
+    def of(cls, config: PassConfig) -> "PassListing":
+        return cls(config.marker_dir, tuple(storage.list_tree(config.marker_dir)))
+
+    @property
+    def done(self) -> set[str]:
+        return {name for name in self.names if "/" not in name and name.endswith(DONE)}
+
+    @property
+    def failures(self) -> list[str]:
+        return sorted(storage.join_inside(self.marker_dir, n) for n in self.names if "/" not in n and n.endswith(FAILED))
+
+    @property
+    def leftovers(self) -> list[str]:
+        """Failure records, tallies and worker states: an earlier run's, once a pass starts."""
+        return self.failures + [storage.join_inside(self.marker_dir, n) for n in self.names
+                                if n.split("/")[0] in SUBDIRECTORIES]
+
+
+SUBDIRECTORIES = ("progress", "workers")  # state.progress.TALLY_DIR, state.workerstate.DIR
+
+
 _MARKER = re.compile(r"^(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)" + re.escape(DONE) + "$", re.M)
 
 
-def done_indices(config: PassConfig, grid: UnitGrid) -> np.ndarray:
-    """Sorted indices of the grid's units that have a marker, from one listing.
+def done_indices(config: PassConfig, grid: UnitGrid, listing: Optional[PassListing] = None) -> np.ndarray:
+    """Sorted indices of the grid's units that have a marker, from one listing (or `listing`).
 
     Names are parsed all at once (one regular expression, numpy); a marker
     whose box is not exactly a unit of this grid (another plan's) is ignored.
     """
-    found = _MARKER.findall("\n".join(done_names(config)))
+    found = _MARKER.findall("\n".join(done_names(config) if listing is None else listing.done))
     if not found:
         return np.zeros(0, dtype=np.int64)
     bounds = np.array(found, dtype=np.int64).reshape(-1, 3, 2)
@@ -78,6 +110,7 @@ def done_indices(config: PassConfig, grid: UnitGrid) -> np.ndarray:
     return np.unique(indices[valid])
 
 
-def not_done(config: PassConfig, grid: UnitGrid, indices: np.ndarray) -> np.ndarray:
-    """The planned unit indices without a marker: one listing, one set difference."""
-    return np.setdiff1d(np.asarray(indices, dtype=np.int64), done_indices(config, grid), assume_unique=True)
+def not_done(config: PassConfig, grid: UnitGrid, indices: np.ndarray,
+             listing: Optional[PassListing] = None) -> np.ndarray:
+    """The planned unit indices without a marker: one listing (or `listing`), one set difference."""
+    return np.setdiff1d(np.asarray(indices, dtype=np.int64), done_indices(config, grid, listing), assume_unique=True)

@@ -43,7 +43,7 @@ class Tally:
         self._count = 0
         self._layers: dict[str, list[int]] = {}  # layer -> [units run, units empty, voxels read, voxels written]
         self._written = -1
-        self._last = 0.0
+        self._last = time.monotonic()  # the first write after an interval, or at the end of the bundle
         self._lock = threading.Lock()
 
     def add(self, layer: str = "", empty: bool = False, read: int = 0, written: int = 0) -> None:
@@ -105,18 +105,29 @@ def layer_tallies(marker_dirs: Sequence[str]) -> dict[str, list[int]]:
 
 
 class Progress:
-    """Reports `done + tallies` of the pass's workers in the background, for every runner."""
+    """Reports `done + tallies` of the pass's workers in the background, for every runner.
+
+    Tallies of an interrupted run must be gone before (they are in `done` already: the
+    launcher deletes them with the rest of a pass's leftovers, `markers.PassListing`).
+    The bucket is asked no more often than the display shows it (`seconds`, e.g. a log
+    line every 30 s), nor than every 0.5 s locally and 5 s on GCS; the last count comes
+    from the markers (`finish`), not from a last reading of the tallies.
+    """
 
     def __init__(self, configs: Sequence[PassConfig], total: int, label: str,
-                 report: Callable[[int, int, str], None], done: int = 0):
+                 report: Callable[[int, int, str], None], done: int = 0, seconds: float = 0.0):
         self._dirs = [c.marker_dir for c in configs]
-        for directory in self._dirs:  # tallies of an interrupted run are in `done` already
-            storage.delete_tree(tally_dir(directory))
+        for directory in self._dirs:
             storage.makedirs(tally_dir(directory))
-        self._interval = max(_interval(d) for d in self._dirs) if self._dirs else 0.5
+        self._interval = max([_interval(d) for d in self._dirs] + [seconds]) if self._dirs else 0.5
         self._total, self._label, self._report, self._done = total, label, report, done
+        self._final: int | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="beam-downsample-progress")
+
+    def finish(self, done: int) -> None:
+        """The pass ended with `done` units done (from the markers): the last report says so."""
+        self._final = done
 
     def rerun(self, todo):
         """Before a pass's units run again (workers died): what is done now comes from the
@@ -145,4 +156,4 @@ class Progress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self._report(self.count(), self._total, self._label)
+        self._report(self.count() if self._final is None else min(self._final, self._total), self._total, self._label)

@@ -2,7 +2,7 @@
 
 When a worker dies (OOM killer, `kill -9`, `scancel`), the runner only
 says that a process is gone. Each worker writes
-`.beam-downsample/<layer>/workers/<host>-<pid>.json` when it starts a unit,
+`.beam-downsample/<layer>/<pass>/workers/<host>-<pid>.json` when it starts a unit,
 so the launcher can name the unit a dead worker was running and count how
 often one unit killed its worker.
 """
@@ -37,8 +37,8 @@ class WorkerState:
 
 
 def state_dir(config: PassConfig) -> str:
-    """Next to the pass's marker directory: the layer's state is removed with it."""
-    return os.path.join(os.path.dirname(config.marker_dir), DIR)
+    """Inside the pass's marker directory: one listing of it shows markers and worker states."""
+    return os.path.join(config.marker_dir, DIR)
 
 
 def unit_name(unit: WorkUnit) -> str:

@@ -13,6 +13,7 @@ chunks. wkw: 32^3 blocks in 1024^3 files, LZ4HC. Fill value 0 everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any, Sequence
@@ -175,10 +176,12 @@ def new_mag_spec(layer: Layer, dataset_path: str, mag: Mag) -> dict:
     }
 
 
-def create_mag(spec: dict, resume: bool, files=None) -> bool:
+def create_mag(spec: dict, resume: bool, files=None, exists: bool = True) -> bool:
     """Creates a new mag array; with `resume`, keeps one of the same layout that an
     interrupted run left (returns True), so its finished units need not rerun.
-    `files` (wkw): (N, 3) indices of the only files the plan writes (default: the region's)."""
+    `files` (wkw): (N, 3) indices of the only files the plan writes (default: the region's).
+    `exists` False: nothing is at the path (a listing said so), so there is nothing to delete
+    first (on a bucket that deletion lists the path: a round trip)."""
     if spec["driver"] == "wkw":
         return _create_wkw_mag(spec, resume, files)
     if resume:
@@ -188,6 +191,12 @@ def create_mag(spec: dict, resume: bool, files=None) -> bool:
             return True
         except ValueError:
             pass  # different layout: start this mag over
+    if not exists:
+        try:
+            open_array(spec, create=True)
+            return False
+        except ValueError:
+            pass  # something appeared there after all
     open_array(spec, create=True, delete_existing=True)
     return False
 
@@ -287,7 +296,40 @@ def open_array(spec: dict, context: ts.Context | None = None, **kwargs: Any):
     """A tensorstore array, or a `wkw_io.WkwMag` for wkw."""
     if spec["driver"] == "wkw":
         return wkw_io.WkwMag(spec["path"], spec.get("staging"))
-    return ts.open(spec, context=context, **kwargs).result()
+    return start_open(spec, context, **kwargs).result()
+
+
+def start_open(spec: dict, context: ts.Context | None = None, **kwargs: Any) -> ts.Future:
+    """`ts.open` of a zarr spec; inside `metadata_read_once` a plain open for reading shares its context."""
+    if context is None and _READING is not None and kwargs.get("open") and not kwargs.get("create"):
+        return ts.open(spec, context=_READING, recheck_cached_metadata=False, **kwargs)
+    return ts.open(spec, context=context, **kwargs)
+
+
+_READING: ts.Context | None = None
+
+
+@contextlib.contextmanager
+def metadata_read_once():
+    """Within it, arrays opened to be read (no context given) share one context that keeps their
+    metadata: planning checks, lists and refines a source, and on a bucket each open costs a
+    round trip. Nothing is read through those handles but metadata and shard indices of arrays
+    that do not change during planning."""
+    global _READING  # pylint: disable=global-statement
+    previous, _READING = _READING, ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+    try:
+        yield
+    finally:
+        _READING = previous
+
+
+def open_arrays(specs: Sequence[dict], context: ts.Context | None = None, **kwargs: Any) -> list:
+    """`open_array` of each spec, the tensorstore ones at once: on a bucket each open reads
+    the array's metadata, one round trip for all instead of one each. A spec that carries its
+    array's `metadata` (the launcher knew it) is opened without reading it."""
+    pending = [None if spec["driver"] == "wkw" else start_open(spec, context, **kwargs) if "metadata" not in spec
+               else ts.open(spec, context=context, assume_metadata=True, **kwargs) for spec in specs]
+    return [open_array(spec) if future is None else future.result() for spec, future in zip(specs, pending)]
 
 
 def array_dtype(array) -> np.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -35,9 +36,9 @@ class LayerLocks:
         self._log = log
 
     def __enter__(self):
-        try:
-            for path in self._paths:
-                self._acquire(path)
+        try:  # every layer's lock at once (one round trip on a bucket); any refusal releases the others
+            if self._paths:
+                storage.concurrently([functools.partial(self._acquire, path) for path in self._paths], self._paths[0])
         except BaseException:
             self.__exit__()
             raise
@@ -64,8 +65,7 @@ class LayerLocks:
             return
 
     def __exit__(self, *exc):
-        for path in self._held:
-            storage.delete(path)
+        storage.delete_all(self._held)
         if self._held:
             storage.remove_dir_if_empty(os.path.dirname(self._held[0]))
         self._held = []

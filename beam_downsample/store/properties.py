@@ -372,6 +372,11 @@ def save_properties(dataset_path: str, raw: dict) -> None:
     storage.write_json_atomically(storage.join_inside(dataset_path, PROPERTIES_FILE), raw)
 
 
-def update_properties(dataset_path: str, change: Callable[[dict], dict]) -> dict:
-    """Read-modify-write of the properties, safe against a concurrent run on another layer."""
-    return storage.update_json(storage.join_inside(dataset_path, PROPERTIES_FILE), change)
+def update_properties(dataset_path: str, change: Callable[[dict], dict], read=None) -> dict:
+    """Read-modify-write of the properties, safe against a concurrent run on another layer.
+    `read`: `read_properties_for_update` made a moment ago, with other requests."""
+    return storage.update_json(storage.join_inside(dataset_path, PROPERTIES_FILE), change, read=read)
+
+
+def read_properties_for_update(dataset_path: str):
+    return storage.read_for_update(storage.join_inside(dataset_path, PROPERTIES_FILE))

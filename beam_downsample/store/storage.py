@@ -18,8 +18,10 @@ google-cloud-storage and tensorstore at an emulator.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import posixpath
@@ -27,7 +29,7 @@ import random
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from beam_downsample.core.errors import DatasetError, RunError
 
@@ -150,8 +152,8 @@ class _Local:
             os.close(dir_fd)
 
     @classmethod
-    def update_json(cls, path: str, change: Callable[[Any], Any], indent: Optional[int]) -> Any:
-        """Serialised between processes by an flock on the file's directory."""
+    def update_json(cls, path: str, change: Callable[[Any], Any], indent: Optional[int], read=None) -> Any:
+        """Serialised between processes by an flock on the file's directory (`read` is not needed)."""
         directory = os.path.dirname(os.path.abspath(path))
         handle = os.open(directory, os.O_RDONLY)
         try:
@@ -190,6 +192,18 @@ class _Local:
     @staticmethod
     def list_names(directory: str) -> list[str]:
         return os.listdir(directory) if os.path.isdir(directory) else []
+
+    @staticmethod
+    def list_dirs(directory: str) -> list[str]:
+        return [e.name for e in os.scandir(directory) if e.is_dir()] if os.path.isdir(directory) else []
+
+    @staticmethod
+    def list_tree(directory: str) -> list[str]:
+        found = []
+        for folder, _, files in os.walk(directory):
+            relative = os.path.relpath(folder, directory)
+            found.extend(name if relative == "." else f"{relative}/{name}" for name in files)
+        return found
 
     @staticmethod
     def delete(path: str) -> None:
@@ -234,7 +248,11 @@ def gcs_client():
         configure_emulator()
         from google.cloud import storage as gcs  # pylint: disable=import-outside-toplevel
 
-        _CLIENT = gcs.Client()
+        from beam_downsample.store import usage  # pylint: disable=import-outside-toplevel
+
+        client = gcs.Client()
+        client._http.hooks["response"].append(usage.count_response)  # pylint: disable=protected-access
+        _CLIENT = client
     return _CLIENT
 
 
@@ -262,22 +280,28 @@ class _Gcs:
         _blob(url).upload_from_string(json.dumps(content, indent=indent), content_type="application/json")
 
     @staticmethod
-    def update_json(url: str, change: Callable[[Any], Any], indent: Optional[int]) -> Any:
-        """Read with its generation, change, write only if the generation is still the same.
+    def read_versioned(url: str) -> tuple[Any, int]:
+        blob = _blob(url)
+        current = json.loads(blob.download_as_bytes())  # sets blob.generation
+        return current, blob.generation
+
+    @staticmethod
+    def update_json(url: str, change: Callable[[Any], Any], indent: Optional[int], read=None) -> Any:
+        """Read with its generation (or take `read`, made earlier), change, write only if the
+        generation is still the same.
 
         A writer that lost the race (412) reads the winner's version and applies
         its change again, so concurrent updates of different layers all survive.
         """
         errors = _gcs_errors()
         for attempt in range(UPDATE_ATTEMPTS):
-            blob = _blob(url)
-            current = json.loads(blob.download_as_bytes())  # sets blob.generation
+            current, generation = read if attempt == 0 and read is not None else _Gcs.read_versioned(url)
             updated = change(current)
             try:
                 _blob(url).upload_from_string(
                     json.dumps(updated, indent=indent),
                     content_type="application/json",
-                    if_generation_match=blob.generation,
+                    if_generation_match=generation,
                 )
                 return updated
             except errors.PreconditionFailed:
@@ -309,17 +333,30 @@ class _Gcs:
         return [blob.name[len(prefix):] for blob in blobs]
 
     @staticmethod
+    def list_dirs(directory: str) -> list[str]:
+        bucket, key = split_gcs(directory)
+        prefix = f"{key}/" if key else ""
+        pages = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        for _ in pages:  # the prefixes are known once every page is read
+            pass
+        return [name[len(prefix):].rstrip("/") for name in pages.prefixes]
+
+    @staticmethod
+    def list_tree(directory: str) -> list[str]:
+        """Every object name under `directory`, relative to it (one request per 1,000)."""
+        bucket, key = split_gcs(directory)
+        prefix = f"{key}/" if key else ""
+        return [blob.name[len(prefix):] for blob in gcs_client().list_blobs(bucket, prefix=prefix)]
+
+    @staticmethod
     def delete(url: str) -> None:
         with contextlib.suppress(_gcs_errors().NotFound):
             _blob(url).delete()
 
     @staticmethod
     def delete_tree(directory: str) -> None:
-        bucket, key = split_gcs(directory)
-        client = gcs_client()
-        for blob in client.list_blobs(bucket, prefix=f"{key}/" if key else ""):
-            with contextlib.suppress(_gcs_errors().NotFound):
-                blob.delete()
+        """One listing, then every object deleted, all at once (GCS has no directories)."""
+        delete_all([f"{directory}/{name}" for name in _Gcs.list_tree(directory)])
 
     @staticmethod
     def makedirs(directory: str) -> None:
@@ -359,14 +396,21 @@ def write_json_atomically(path: str, content: Any, indent: Optional[int] = 4) ->
     _backend(path).write_json_atomically(path, content, indent)
 
 
-def update_json(path: str, change: Callable[[Any], Any], indent: Optional[int] = 4) -> Any:
+def update_json(path: str, change: Callable[[Any], Any], indent: Optional[int] = 4, read=None) -> Any:
     """Atomic read-modify-write of an existing JSON file, safe against concurrent updaters.
 
     `change` gets the current content and returns the new one; it may be
     called more than once (on GCS, after losing a race), so it must not
-    have side effects.
+    have side effects. `read`: what `read_for_update` returned a moment ago
+    (so the read could go out with other requests); stale, it costs a retry.
     """
-    return _backend(path).update_json(path, change, indent)
+    return _backend(path).update_json(path, change, indent, read)
+
+
+def read_for_update(path: str) -> Any:
+    """On GCS the file's content and generation, for `update_json(read=...)`; locally None (the
+    update reads under its lock)."""
+    return _Gcs.read_versioned(path) if is_gcs(path) else None
 
 
 def write_text(path: str, text: str) -> None:
@@ -387,14 +431,52 @@ def list_names(directory: str) -> list[str]:
     return _backend(directory).list_names(directory)
 
 
+def list_tree(directory: str) -> list[str]:
+    """Paths (relative, '/'-separated) of every file below `directory`: one listing, however deep."""
+    return _backend(directory).list_tree(directory)
+
+
 def delete(path: str) -> None:
     """Deletes the file if it exists."""
     _backend(path).delete(path)
 
 
-def delete_tree(directory: str) -> None:
-    """Deletes the directory and everything under it, if it exists."""
+def delete_tree(directory: str, names: Optional[Sequence[str]] = None) -> None:
+    """Deletes the directory and everything under it, if it exists. `names`: its `list_tree`,
+    if the caller listed it already (on GCS the listing is then not repeated)."""
+    if names is not None and is_gcs(directory):
+        delete_all([f"{directory}/{name}" for name in names])
+        return
     _backend(directory).delete_tree(directory)
+
+
+def list_dirs(directory: str) -> list[str]:
+    """Names of the subdirectories of `directory` (on GCS: the prefixes one level down)."""
+    return _backend(directory).list_dirs(directory)
+
+
+def delete_all(paths: Sequence[str]) -> None:
+    """Deletes the files that exist (on GCS all at once)."""
+    if paths:
+        concurrently([functools.partial(delete, path) for path in paths], paths[0])
+
+
+CONCURRENT_REQUESTS = 32  # small-file requests in flight at once (the gcs driver of tensorstore allows 32 too)
+
+
+def concurrently(calls: Sequence[Callable[[], Any]], path: str) -> list:
+    """The results of `calls`, in order. Independent requests to an object store wait on its
+    latency, not on us: where `path` is on GCS they run at once, on up to CONCURRENT_REQUESTS
+    threads that end before this returns; local ones run one after another. The first
+    exception is raised once every call has ended."""
+    calls = list(calls)
+    if len(calls) < 2 or not is_gcs(path):
+        return [call() for call in calls]
+    with concurrent.futures.ThreadPoolExecutor(min(len(calls), CONCURRENT_REQUESTS),
+                                               thread_name_prefix="beam-downsample-io") as pool:
+        futures = [pool.submit(call) for call in calls]
+        concurrent.futures.wait(futures)
+    return [future.result() for future in futures]
 
 
 def makedirs(directory: str) -> None:

@@ -55,7 +55,8 @@ class WkwMag:
             raise ValueError(f"{path}: {error}") from None
         self.dtype = np.dtype(self._dataset.header.voxel_type)
         self.channels = self._dataset.header.num_channels
-        self.file_voxels = self._dataset.header.block_len * self._dataset.header.file_len  # a file's cube edge
+        self.block_len = self._dataset.header.block_len  # a block's cube edge (what is compressed alone)
+        self.file_voxels = self.block_len * self._dataset.header.file_len  # a file's cube edge
         self.path = path
 
     def stored_files(self, box: Box) -> bool:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
-import tensorstore as ts
 from apache_beam.metrics import Metrics
 
 from beam_downsample.core.config import PassConfig
 from beam_downsample.core.grid import UnitGrid, WorkUnit
 from beam_downsample.state import markers, progress, workerstate
-from beam_downsample.store import arrays, stored
+from beam_downsample.store import arrays, stored, usage
 from beam_downsample.transforms import seeds as seeds_module
-from beam_downsample.transforms import work
+from beam_downsample.transforms import faults, work
+
+
+REQUESTS = "requests_"  # Beam counters of storage requests by kind (store.usage), summed by run.accounting
 
 COUNTERS = "beam_downsample"  # counters of a layer are in namespace COUNTERS/<layer name>
 _CANCELLED: set[str] = set()  # runs whose in-process DoFns start no further unit (ids, kept: a few bytes each)
@@ -54,7 +57,8 @@ class DownsampleUnitFn(beam.DoFn):
     With `record_failures` (our local runners) a failing unit leaves a
     one-line failure record for the launcher instead of raising: Beam's
     multi-process FnApiRunner can hang on a failed bundle, and its
-    tracebacks bury the one line that matters (e.g. which chunk is corrupt).
+    tracebacks bury the one line that matters. Either way the failure is
+    one line naming the stored object, its layer, mag and box (`faults`).
     Other runners get the exception, so they can retry the bundle.
 
     Units whose source box holds nothing stored (tensorstore answers from
@@ -77,25 +81,30 @@ class DownsampleUnitFn(beam.DoFn):
         self._run_id = run_id
 
     def setup(self) -> None:
-        self._context = ts.Context(arrays.context_spec())
-        self._probe_context = stored.probe_context()
         self._arrays: dict = {}
         self._probes: dict = {}
+        self._prefetchers: dict = {}
         self._scratch = work.Scratch()  # buffers reused by every unit of this worker
         self._counters: dict = {}
         first = next(iter(self._configs.values()))
         self._tally = progress.Tally(first.marker_dir)
+        self._requests = {kind: Metrics.counter("beam_downsample", f"{REQUESTS}{kind}") for kind in usage.KINDS}
+
+    def start_bundle(self):
+        # small writes (worker state, done-markers) run beside the units instead of before or after them
+        self._bookkeeping = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="beam-downsample-state")
+        self._marking: list = []
 
     def _open(self, key) -> None:
-        config = self._configs[key]
-        source = arrays.open_array(config.source_spec, self._context, open=True)
-        targets = [arrays.open_array(level.spec, self._context, open=True) for level in config.levels]
-        self._arrays[key] = (source, targets)
-        # storage statistics go to a second handle that caches shard indices (the reading one caches
-        # nothing), never revalidated: the source does not change during the pass (GCS: no request each)
-        self._probes[key] = source if config.source_spec["driver"] == "wkw" else arrays.open_array(
-            config.source_spec, self._probe_context, open=True, recheck_cached_data=False)
-        work.prepare_kernels(config, arrays.array_dtype(source))  # loads while the first tiles are read
+        """Opens the arrays of every layer of `key`'s pass at once (their metadata in one round
+        of requests); the compiled kernels load while the first tiles are read."""
+        wanted = {k: c for k, c in self._configs.items() if k[1] == key[1] and k not in self._arrays}
+        pairs, probes, prefetchers = work.open_pass_arrays(wanted)
+        self._arrays.update(pairs)
+        self._probes.update(probes)
+        self._prefetchers.update(prefetchers)
+        for opened, config in wanted.items():
+            work.prepare_kernels(config, arrays.array_dtype(pairs[opened][0]))
 
     def _count(self, layer: str, name: str, value: int = 1) -> None:
         counter = self._counters.get((layer, name))
@@ -104,7 +113,16 @@ class DownsampleUnitFn(beam.DoFn):
         counter.inc(value)
 
     def finish_bundle(self):
+        try:
+            for marking in self._marking:  # every marker is stored before the bundle counts as done
+                marking.result()
+        finally:
+            self._marking = []
+            self._bookkeeping.shutdown(wait=True)
         self._tally.flush()
+        for kind, count in usage.take().items():  # what this process sent since its last report
+            if count:
+                self._requests[kind].inc(count)
 
     def teardown(self):
         if hasattr(self, "_tally"):
@@ -115,32 +133,42 @@ class DownsampleUnitFn(beam.DoFn):
             raise Cancelled(f"run {self._run_id} was interrupted")
         key = (unit.layer, unit.pass_index)
         config = self._configs[key]
-        workerstate.starting(config, unit)  # a launcher that sees this worker die knows what it ran
+        # a launcher that sees this worker die knows what it ran; written while the unit reads
+        starting = self._bookkeeping.submit(workerstate.starting, config, unit)
+        source = targets = None
         try:
             if key not in self._arrays:
                 self._open(key)
             source, targets = self._arrays[key]
+            prefetcher = self._prefetchers.get(key)
             probe = self._probes[key]
-            if not config.refresh and stored.box_not_stored(probe, unit.box):
-                markers.mark_done(config, unit)
-                self._count(unit.layer, "work_units_empty")
-                self._tally.add(unit.layer, empty=True)
-                yield unit.key
-                return
-            # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
-            stats = work.run_unit(config, unit, source, targets, self._scratch, probe, skip_zeros=not config.refresh)
+            if prefetcher is None and not config.refresh and stored.box_not_stored(probe, unit.box):
+                empty = True
+            else:  # (a remote source's stored chunks are known once its shard indices are read: no probe)
+                # not a refresh: the targets hold nothing here but what this unit writes, so its zeros need no writing
+                stats = work.run_unit(config, unit, source, targets, self._scratch, probe,
+                                      skip_zeros=not config.refresh, prefetcher=prefetcher)
+                empty = stats.voxels_read == 0 and prefetcher is not None and not config.refresh
+            starting.result()
         except Exception as error:  # pylint: disable=broad-except
+            fault = faults.describe(error, config, unit, source, targets)  # one line naming the object
             if not self._record_failures:
-                raise
-            markers.record_failure(config, unit, error)
+                self._bookkeeping.shutdown(wait=True)  # the bundle fails: no thread of ours stays behind
+                raise fault from error
+            markers.record_failure(config, unit, str(fault))
             self._count(unit.layer, "work_units_failed")
             yield unit.key
             return
-        markers.mark_done(config, unit)
-        self._tally.add(unit.layer, read=stats.voxels_read, written=stats.voxels_written)
-        self._count(unit.layer, "work_units")
-        self._count(unit.layer, "voxels_read", stats.voxels_read)
-        self._count(unit.layer, "voxels_written", stats.voxels_written)
+        # written after every level is stored; the next unit need not wait for it (finish_bundle does)
+        self._marking.append(self._bookkeeping.submit(markers.mark_done, config, unit))
+        if empty:
+            self._tally.add(unit.layer, empty=True)
+            self._count(unit.layer, "work_units_empty")
+        else:
+            self._tally.add(unit.layer, read=stats.voxels_read, written=stats.voxels_written)
+            self._count(unit.layer, "work_units")
+            self._count(unit.layer, "voxels_read", stats.voxels_read)
+            self._count(unit.layer, "voxels_written", stats.voxels_written)
         yield unit.key
 
 

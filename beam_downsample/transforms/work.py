@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 import mmap
 import sys
@@ -19,11 +20,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
-from beam_downsample.core.box import Box, disjoint, split_box
+from beam_downsample.core.box import Box, disjoint, hull, split_box
 from beam_downsample.core.config import PassConfig
 from beam_downsample.core.grid import WorkUnit
 from beam_downsample.kernels import reduce
-from beam_downsample.store import arrays, stored, wkw_io
+from beam_downsample.store import arrays, prefetch, stored, wkw_io
 
 
 @dataclasses.dataclass
@@ -104,11 +105,42 @@ def replicate_edges(data: np.ndarray, box: Box, region: Box) -> None:
             data[tuple(index)] = data[tuple(source)]
 
 
+def open_pass_arrays(configs: dict) -> tuple[dict, dict, dict]:
+    """For each (layer, pass) of `configs`: (source, targets), a probe of the source, and a
+    `prefetch.Prefetcher` where the source is remote (else none); every array's metadata is
+    read at once (on a bucket one round trip, not one per array).
+
+    The probe answers storage statistics from cached shard indices (the reading handle caches
+    nothing), never revalidated: the source does not change during the pass. A remote source
+    needs none: its prefetcher reads the indices anyway."""
+    context = ts.Context(arrays.context_spec())
+    specs = []
+    for config in configs.values():
+        specs += [config.source_spec, *[level.spec for level in config.levels]]
+    opened = iter(arrays.open_arrays(specs, context, open=True))
+    pairs, probes, prefetchers = {}, {}, {}
+    local = {}
+    for key, config in configs.items():
+        source = next(opened)
+        pairs[key] = (source, [next(opened) for _ in config.levels])
+        if prefetch.is_remote(config.source_spec) and config.prefetch_bytes > 0 and prefetch.Prefetcher.supports(source):
+            prefetchers[key] = prefetch.Prefetcher(config.source_spec, source)
+            probes[key] = source
+        elif config.source_spec["driver"] == "wkw":
+            probes[key] = source
+        else:
+            local[key] = config.source_spec
+    opened_probes = arrays.open_arrays(list(local.values()), stored.probe_context(), open=True,
+                                       recheck_cached_data=False)
+    probes.update(zip(local, opened_probes))
+    return pairs, probes, prefetchers
+
+
 def prepare_kernels(config: PassConfig, dtype: np.dtype) -> None:
     """Starts loading the compiled kernels the pass's levels use (see `reduce.prepare`),
     unless the pass has too little work to pay for them (`config.compiled`)."""
     if config.compiled:
-        reduce.prepare([(config.interpolation, level.factor, dtype) for level in config.levels])
+        reduce.prepare([(config.reduction, level.factor, dtype) for level in config.levels])
 
 
 def level_boxes(config: PassConfig, box: Box) -> list[Box]:
@@ -130,7 +162,7 @@ def reduce_tile(config: PassConfig, tile: Box, data: np.ndarray, buffers: Sequen
         # input; replicating there is harmless: only voxels inside the region are written.
         index = arrays.local_index(box, unit_box)
         at = tuple(s.start for s in index[1:])
-        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.interpolation,
+        reduce.downsample_box(source, source_at, buffer, at, box.shape, level.factor, config.reduction,
                               wait=False, compiled=config.compiled)
         replicate_edges(buffer[index], box, level.region)
         source, source_at = buffer, at
@@ -154,7 +186,8 @@ def halve(box: Box, align: Sequence[int]) -> list[Box]:
 def classify_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
                    split_voxels: int = SPLIT_VOXELS) -> Iterator[tuple[Box, bool]]:
     """(tile, stored) pieces covering `tiles` exactly: stored ones are to be read,
-    the others hold nothing stored (they read as 0).
+    the others hold nothing stored (they read as 0). `probe` is an array (its
+    storage statistics are asked) or a `prefetch.Fetched` box (which knows).
 
     A tile of which only some chunks are stored is halved (on the `align`
     grid, so every piece is still a tile) and its halves asked again, down to
@@ -163,10 +196,11 @@ def classify_tiles(probe, tiles: Sequence[Box], align: Sequence[int],
     and its pieces are handed out before the next round is asked, so reading
     starts while the split goes on.
     """
+    states = probe.states if isinstance(probe, prefetch.Fetched) else functools.partial(stored.box_states, probe)
     todo = list(tiles)
     while todo:
         split = []
-        for tile, state in zip(todo, stored.box_states(probe, todo)):
+        for tile, state in zip(todo, states(todo)):
             if state == stored.NOTHING:
                 yield tile, False
                 continue
@@ -189,8 +223,50 @@ def unit_tiles(config: PassConfig, box: Box) -> list[Box]:
     """The tiles of a unit's `box`: all of it, or for a refresh its disjoint parts inside the
     boxes' source regions (`config.regions`), each level's refreshed voxels having their whole
     footprint there; the level voxels outside are never written."""
-    parts = disjoint([box.intersect(region) for region in config.regions]) if config.regions else [box]
-    return [tile for part in parts for tile in split_box(part, config.tile_alignment, config.tile_voxels)]
+    return [tile for part in unit_parts(config, box) for tile in split_box(part, config.tile_alignment,
+                                                                           config.tile_voxels)]
+
+
+def unit_parts(config: PassConfig, box: Box) -> list[Box]:
+    """`box`, or for a refresh its disjoint parts inside the boxes' source regions."""
+    return disjoint([box.intersect(region) for region in config.regions]) if config.regions else [box]
+
+
+def source_parts(config: PassConfig, unit: WorkUnit, source, probe=None, prefetcher=None,
+                 fetching: concurrent.futures.Executor | None = None) -> Iterator[tuple[object, Iterator]]:
+    """The unit's source as (array to read from, its `classify_tiles` pieces), part after part.
+
+    Local source: one part, the source itself, asked tile by tile (`probe`).
+    Remote source (`prefetcher`): the unit in boxes of at most
+    `config.prefetch_bytes` raw bytes, slabs across x (the slowest axis of a
+    shard's storage order, so a box is few byte ranges), each fetched in one
+    round of requests on `fetching` while the part before is being decoded
+    and reduced. The caller finishes a part's tiles before asking for the
+    next, so at most two boxes are in memory.
+    """
+    if prefetcher is None:
+        tiles = unit_tiles(config, unit.box)
+        yield source, classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
+        return
+    assert fetching is not None
+    parts = [part for part in unit_parts(config, unit.box) if not part.empty]
+    if not parts:
+        return
+    boxes = prefetch_boxes(config, hull(parts), arrays.array_dtype(source))
+    pending = fetching.submit(prefetcher.fetch, boxes[0], config.source_region)
+    for index, box in enumerate(boxes):
+        fetched = pending.result()
+        if index + 1 < len(boxes):
+            pending = fetching.submit(prefetcher.fetch, boxes[index + 1], config.source_region)
+        tiles = unit_tiles(config, box)
+        yield fetched.array, classify_tiles(fetched, tiles, config.tile_alignment)
+        del fetched
+
+
+def prefetch_boxes(config: PassConfig, box: Box, dtype: np.dtype) -> list[Box]:
+    """`box` in slabs across x (then y, z) of at most `config.prefetch_bytes` raw bytes, on the tile grid."""
+    voxels = max(config.prefetch_bytes // (np.dtype(dtype).itemsize * config.channels), 1)
+    return split_box(box, config.tile_alignment, voxels, halve=(0, 1, 2))
 
 
 def run_unit(
@@ -201,6 +277,7 @@ def run_unit(
     scratch: Scratch | None = None,
     probe=None,
     skip_zeros: bool = False,
+    prefetcher=None,
 ) -> UnitStats:
     """Computes and writes every level of `unit`. Deterministic, so a retry rewrites the same bytes.
 
@@ -212,7 +289,9 @@ def run_unit(
 
     Only the source's stored chunks are read (`classify_tiles`, asking `probe`,
     a handle of the source with cached shard indices; default `source`):
-    zeros reduce to zeros with every interpolation (tested). With
+    zeros reduce to zeros with every interpolation (tested). A remote
+    source comes through `prefetcher` (`store.prefetch`) in a few large
+    boxes, each one round of requests (`source_parts`). With
     `skip_zeros` the target is known to hold nothing in the unit's region
     that this unit would not write again (a fresh mag, or one a crashed run
     of the same plan left), so the zero parts of the levels are neither set
@@ -229,8 +308,6 @@ def run_unit(
     unit_levels = level_boxes(config, unit.box)
     dtype = arrays.array_dtype(source)
     prepare_kernels(config, dtype)
-    tiles = unit_tiles(config, unit.box)
-    pieces = classify_tiles(probe if probe is not None else source, tiles, config.tile_alignment)
     live: list[Box] = []  # tiles reduced into the level buffers
     done: list[Box] = []  # every tile read or left out
     lock = threading.Lock()
@@ -242,16 +319,17 @@ def run_unit(
                 box = box.scaled_down(level.factor)
                 buffer[arrays.local_index(box, unit_box)] = 0
 
-        def work_on(tile: Box, is_stored: bool) -> None:
+        def work_on(reader, tile: Box, is_stored: bool) -> None:
             if not is_stored:
                 if not skip_zeros:
                     zero_levels(tile)
                 return
             with scratch.borrow("tile", (config.channels, *tile.shape), dtype) as data:
-                arrays.read_box(source, tile, config.channels, out=data)
+                arrays.read_box(reader, tile, config.channels, out=data)
                 with lock:
                     stats.voxels_read += tile.voxels
-                if dtype.kind != "f" and not data.any():  # all zero: not reduced (floats: -0.0 must stay -0.0)
+                # all zero: not reduced (floats: a plain reduction keeps -0.0; one over non-zero voxels gives 0.0)
+                if (dtype.kind != "f" or config.reduction != config.interpolation) and not data.any():
                     if not skip_zeros:
                         zero_levels(tile)
                     return
@@ -259,16 +337,19 @@ def run_unit(
                 with lock:
                     live.append(tile)
 
-        if config.threads <= 1:
-            for tile, is_stored in pieces:
-                done.append(tile)
-                work_on(tile, is_stored)
-        else:
-            with concurrent.futures.ThreadPoolExecutor(config.threads) as pool:
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(config.threads)) \
+                if config.threads > 1 else None
+            fetching = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="beam-downsample-fetch")) if prefetcher is not None else None
+            for reader, pieces in source_parts(config, unit, source, probe, prefetcher, fetching):
                 futures = []
                 for tile, is_stored in pieces:
                     done.append(tile)
-                    futures.append(pool.submit(work_on, tile, is_stored))
+                    if pool is None:
+                        work_on(reader, tile, is_stored)
+                    else:
+                        futures.append(pool.submit(work_on, reader, tile, is_stored))
                 for future in futures:
                     future.result()
         if skip_zeros and len(live) < len(done):
