@@ -154,7 +154,9 @@ def implementations(data, factor, interpolation) -> dict:
     name = reduce.reduction(interpolation, True)
     fast = compiled.available(data, factor, name) and (interpolation, data.dtype.name) in COMPILED_CASES
     with contextlib.nullcontext() if fast else numpy_kernels_only():
-        found = {"downsample": reduce.downsample(data, factor, name), "numpy": background.KERNELS[name](data, factor)}
+        found = {"downsample": reduce.downsample(data, factor, name)}
+    if name in background.KERNELS:  # nearest has no kernel of its own here
+        found["numpy"] = background.KERNELS[name](data, factor)
     if fast:
         found["compiled"] = compiled.downsample(data, factor, name)
     return found
