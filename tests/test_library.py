@@ -182,7 +182,7 @@ def test_a_fault_during_the_run_is_the_clis_error(make_dataset, capsys):
     with pytest.raises(bd.RunError) as raised:
         bd.downsample(path, progress=False, **SEQUENTIAL)
     assert code == 1
-    assert err.splitlines()[-1] == f"beam-downsample: error: {raised.value} {cli.RESUME}"
+    assert err.splitlines()[-1] == f"beam-downsample: error: {raised.value} {cli.RETRY}"
     assert "color/1" in str(raised.value) and "\n" not in str(raised.value)
     assert read_properties(path) == listed  # nothing new listed
 

@@ -139,6 +139,7 @@ def _print_help() -> None:
 
 
 RESUME = "(only complete mags are listed; rerun the same command to resume)"
+RETRY = "(only complete mags are listed; a rerun resumes)"  # after a unit's error, which names its remedy
 INTERRUPTED = f"beam-downsample: interrupted {RESUME}"
 
 
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = job.run(progress=True)
     except UnitFailed as error:  # names the object and the remedy already
-        print(f"beam-downsample: error: {error} (only complete mags are listed; a rerun resumes)", file=sys.stderr)
+        print(f"beam-downsample: error: {error} {RETRY}", file=sys.stderr)
         return 1
     except RunError as error:
         print(f"beam-downsample: error: {error} {RESUME}", file=sys.stderr)

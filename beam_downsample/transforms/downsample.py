@@ -125,11 +125,18 @@ class DownsampleUnitFn(beam.DoFn):
                 self._requests[kind].inc(count)
 
     def teardown(self):
+        if hasattr(self, "_bookkeeping"):
+            self._abandon_bundle()
         if hasattr(self, "_tally"):
             self._tally.flush()
 
+    def _abandon_bundle(self) -> None:
+        """The bundle fails: its small writes end here, so no thread of ours stays behind."""
+        self._bookkeeping.shutdown(wait=True, cancel_futures=True)
+
     def process(self, unit: WorkUnit) -> Iterable[str]:
         if self._run_id in _CANCELLED:
+            self._abandon_bundle()
             raise Cancelled(f"run {self._run_id} was interrupted")
         key = (unit.layer, unit.pass_index)
         config = self._configs[key]
@@ -153,12 +160,15 @@ class DownsampleUnitFn(beam.DoFn):
         except Exception as error:  # pylint: disable=broad-except
             fault = faults.describe(error, config, unit, source, targets)  # one line naming the object
             if not self._record_failures:
-                self._bookkeeping.shutdown(wait=True)  # the bundle fails: no thread of ours stays behind
+                self._abandon_bundle()
                 raise fault from error
             markers.record_failure(config, unit, str(fault))
             self._count(unit.layer, "work_units_failed")
             yield unit.key
             return
+        except BaseException:  # Ctrl-C, a cancelled run
+            self._abandon_bundle()
+            raise
         # written after every level is stored; the next unit need not wait for it (finish_bundle does)
         self._marking.append(self._bookkeeping.submit(markers.mark_done, config, unit))
         if empty:
