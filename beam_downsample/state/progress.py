@@ -150,6 +150,7 @@ class Progress:
             self._report(self.count(), self._total, self._label)
 
     def __enter__(self):
+        self._report(self._done, self._total, self._label)  # the pass starts now (its rate counts from here)
         self._thread.start()
         return self
 
