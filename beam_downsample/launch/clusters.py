@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+import weakref
 from typing import Iterator, Optional
 
 from beam_downsample.launch.errors import UsageError
@@ -291,6 +292,10 @@ class JobReplacer:
         self.limit = limit
         self.submitted = 0
         self._seen: set = set()  # jobs that were started (before: their start is still under way)
+        self._replacing: set = set()  # jobs submitted again whose new job has not started yet
+        # every job whose worker joined (dask drops them when lost); weak: dask's close asserts that
+        # every job still alive was closed, and a lost job is dropped unclosed
+        self._joined_jobs: weakref.WeakSet = weakref.WeakSet()
         self._news: list[str] = []
         self._lock = threading.Lock()
         self._queue_checked = time.monotonic()
@@ -300,10 +305,15 @@ class JobReplacer:
     async def _check(self) -> None:
         cluster = self._cluster
         self._seen.update(cluster.workers)
+        self._replacing.difference_update(cluster.workers)  # their new jobs are started
+        joined = self._joined()
+        self._joined_jobs.update(job for name, job in list(cluster.workers.items()) if name in joined)
         if time.monotonic() - self._queue_checked > self.QUEUE_SECONDS:
             self._queue_checked = time.monotonic()
             await self._drop_jobs_that_left_the_queue()
-        lost = [name for name in list(cluster.worker_spec) if name not in cluster.workers and name in self._seen]
+        # (scale() starts a replacement on the event loop later, once sbatch answers: not lost twice)
+        lost = [name for name in list(cluster.worker_spec)
+                if name not in cluster.workers and name in self._seen and name not in self._replacing]
         if not lost:
             return
         room = max(self.limit - self.submitted, 0)
@@ -311,30 +321,34 @@ class JobReplacer:
             del cluster.worker_spec[name]
         replaced = lost[:room]
         self.submitted += len(replaced)
+        self._replacing.update(replaced)
         with self._lock:
-            for _ in replaced:
-                self._news.append(f"submitted a replacement SLURM job ({self.submitted - len(replaced) + 1} of at "
-                                  f"most {self.limit} in this run)")
+            for number in range(self.submitted - len(replaced) + 1, self.submitted + 1):
+                self._news.append(f"submitted a replacement SLURM job ({number} of at most {self.limit} in this run)")
             if lost[room:]:
                 self._news.append(f"no replacement for {len(lost) - room} lost SLURM job(s): all {self.limit} "
                                   "replacements of this run are used")
         if replaced:
             cluster.scale(jobs=len(cluster.worker_spec))  # starts the jobs missing from `workers`
+            self._replacing.difference_update(cluster.workers)  # (started already)
 
     async def _drop_jobs_that_left_the_queue(self) -> None:
-        """Jobs whose worker never joined and that SLURM no longer runs or queues are lost."""
+        """Jobs whose worker never joined and that SLURM no longer runs or queues are lost. (A job
+        whose worker joined and left is dask's to drop, after `lost-worker-timeout`: dropping it here
+        too could take its replacement for it, started under the same name meanwhile.)"""
         cluster = self._cluster
-        ids = {getattr(job, "job_id", None): name for name, job in list(cluster.workers.items())
-               if name not in self._joined()}
-        ids.pop(None, None)
-        if not ids:
+        jobs = {getattr(job, "job_id", None): (name, job) for name, job in list(cluster.workers.items())
+                if job not in self._joined_jobs}
+        jobs.pop(None, None)
+        if not jobs:
             return
-        queued = await self._queued(sorted(ids))
+        queued = await self._queued(sorted(jobs))
         if queued is None:  # squeue could not tell: judge nothing
             return
-        for job_id, name in ids.items():
-            if job_id not in queued:
-                cluster.workers.pop(name, None)
+        for job_id, (name, job) in jobs.items():
+            # the same job still: not its replacement, started under the same name while squeue ran
+            if job_id not in queued and cluster.workers.get(name) is job:
+                del cluster.workers[name]
 
     @classmethod
     async def _queued(cls, job_ids: list) -> Optional[set]:
