@@ -679,79 +679,68 @@ if numba is not None:
                 _hi(_hi(_or_fill(v4, bottom), _or_fill(v5, bottom)), _hi(_or_fill(v6, bottom), _or_fill(v7, bottom))))
         return _tidy(m if _count8(v0, v1, v2, v3, v4, v5, v6, v7) else _zero(v0))
 
-    # Rows and drivers as for the median and mode above, one pair per factor for all
-    # five reductions; `op` picks the reduction: 0 mode, 1 median, 2 mean, 3 min, 4 max
-    # (`NONZERO` below).
+    @_jit_inline
+    def _mean4nz(v0, v1, v2, v3):
+        """Mean, min and max of a 2-2-1 block: as eight with four zeros (background, so the
+        same answer; the constants fold away)."""
+        z = _zero(v0)
+        return _mean8(v0, v1, v2, v3, z, z, z, z)
 
     @_jit_inline
-    def _cell4(op, v0, v1, v2, v3):
-        """Reduction `op` of a 2-2-1 block; mean, min and max take it as eight with four
-        zeros (background, so the same answer; the constants fold away)."""
+    def _min4nz(v0, v1, v2, v3):
         z = _zero(v0)
-        if op == 0:
-            return _mode4nz(v0, v1, v2, v3)
-        if op == 1:
-            return _median4nz(v0, v1, v2, v3)
-        if op == 2:
-            return _mean8(v0, v1, v2, v3, z, z, z, z)
-        if op == 3:
-            return _min8nz(v0, v1, v2, v3, z, z, z, z)
+        return _min8nz(v0, v1, v2, v3, z, z, z, z)
+
+    @_jit_inline
+    def _max4nz(v0, v1, v2, v3):
+        z = _zero(v0)
         return _max8nz(v0, v1, v2, v3, z, z, z, z)
 
-    @_jit_inline
-    def _cell8(op, v0, v1, v2, v3, v4, v5, v6, v7):
-        """Reduction `op` of a 2-2-2 block."""
-        if op == 0:
-            return _mode8nz(v0, v1, v2, v3, v4, v5, v6, v7)
-        if op == 1:
-            return _median8nz(v0, v1, v2, v3, v4, v5, v6, v7)
-        if op == 2:
-            return _mean8(v0, v1, v2, v3, v4, v5, v6, v7)
-        if op == 3:
-            return _min8nz(v0, v1, v2, v3, v4, v5, v6, v7)
-        return _max8nz(v0, v1, v2, v3, v4, v5, v6, v7)
+    # Rows and drivers as for the median and mode above, one pair per factor for all five
+    # reductions; `cell` is the reduction of one block (a compiled function passed on).
 
     @_jit_inline
-    def _nonzero_row4(op, s, a, b, d, o, n, step):
+    def _nonzero_row4(cell, s, a, b, d, o, n, step):
         for x in range(n):
             i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
-            d[_U(o + step * x)] = _cell4(op, s[i], s[j], s[i + k], s[j + k])
+            d[_U(o + step * x)] = cell(s[i], s[j], s[i + k], s[j + k])
 
     @_jit_inline
-    def _nonzero_row8(op, s, a, b, e, f, d, o, n, step):
+    def _nonzero_row8(cell, s, a, b, e, f, d, o, n, step):
         for x in range(n):
             i, j, k = _U(a + 2 * step * x), _U(b + 2 * step * x), _U(step)
             p, q = _U(e + 2 * step * x), _U(f + 2 * step * x)
-            d[_U(o + step * x)] = _cell8(op, s[i], s[j], s[i + k], s[j + k], s[p], s[q], s[p + k], s[q + k])
+            d[_U(o + step * x)] = cell(s[i], s[j], s[i + k], s[j + k], s[p], s[q], s[p + k], s[q + k])
 
     @_jit_inline
-    def _nonzero_221(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+    def _nonzero_221(cell, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
         for c in range(nc):
             for z in range(nz):
                 for y in range(ny):
                     a = s0 + c + sys_ * 2 * y + szs * z
                     o = d0 + c + dys * y + dzs * z
                     if nc == 1:
-                        _nonzero_row4(op, s, a, a + sys_, d, o, nx, 1)
+                        _nonzero_row4(cell, s, a, a + sys_, d, o, nx, 1)
                     else:
-                        _nonzero_row4(op, s, a, a + sys_, d, o, nx, nc)
+                        _nonzero_row4(cell, s, a, a + sys_, d, o, nx, nc)
 
     @_jit_inline
-    def _nonzero_222(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
+    def _nonzero_222(cell, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
         for c in range(nc):
             for z in range(nz):
                 for y in range(ny):
                     a = s0 + c + sys_ * 2 * y + szs * 2 * z
                     o = d0 + c + dys * y + dzs * z
                     if nc == 1:
-                        _nonzero_row8(op, s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, 1)
+                        _nonzero_row8(cell, s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, 1)
                     else:
-                        _nonzero_row8(op, s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, nc)
+                        _nonzero_row8(cell, s, a, a + sys_, a + szs, a + szs + sys_, d, o, nx, nc)
 
-    # One compiled driver per reduction and factor: the constant `op` (a closure
-    # variable, so a compile-time constant that numba's cache keys on) prunes the other
-    # reductions' loops before typing (numba inlines the generic driver and row), so a
-    # process compiles or loads only the reductions it uses.
+    # One compiled driver per reduction and factor. `op` is a closure variable, so a
+    # compile-time constant that numba's cache keys on (a function would not be: its
+    # pickle differs per process); numba prunes the other branches before it inlines, so
+    # a driver compiles only its own reduction (a fifth of the time) and a process
+    # compiles or loads only the reductions it uses.
     NONZERO = ("mode-nonzero", "median-nonzero", "mean-nonzero", "min-nonzero", "max-nonzero")  # by op
 
     def _nonzero_drivers(op: int):
@@ -759,11 +748,29 @@ if numba is not None:
 
         @_jit
         def at_221(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-            _nonzero_221(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            if op == 0:
+                _nonzero_221(_mode4nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 1:
+                _nonzero_221(_median4nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 2:
+                _nonzero_221(_mean4nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 3:
+                _nonzero_221(_min4nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            else:
+                _nonzero_221(_max4nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
 
         @_jit
         def at_222(s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz):
-            _nonzero_222(op, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            if op == 0:
+                _nonzero_222(_mode8nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 1:
+                _nonzero_222(_median8nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 2:
+                _nonzero_222(_mean8, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            elif op == 3:
+                _nonzero_222(_min8nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
+            else:
+                _nonzero_222(_max8nz, s, s0, sys_, szs, d, d0, dys, dzs, nc, nx, ny, nz)
 
         return at_221, at_222
 
