@@ -7,7 +7,8 @@
     python benchmarks/ab.py /work/bench/bench-full 3 default=. seq=.::--distribution-strategy sequential
 
 Each run gets a fresh copy of DATASET (never modified) and runs
-`beam-downsample` from SRC (PYTHONPATH=SRC, this interpreter), alone; the
+`beam-downsample` from SRC (PYTHONPATH=SRC, this interpreter, run in SRC, since `python -c`
+puts the working directory first on sys.path), alone; the
 variants take turns, so a change of the machine's load hits every variant
 alike. Per run: wall s, CPU-s of the whole process tree (user + sys, the
 kernel's accounting of reaped children: much less disturbed by other load
@@ -82,7 +83,7 @@ def main() -> None:
                 start = time.perf_counter()
                 proc = subprocess.Popen(
                     [sys.executable, "-c", "from beam_downsample.launch.cli import run; run()", copy, *extra],
-                    env=dict(os.environ, **env, PYTHONPATH=src), stdout=subprocess.DEVNULL,
+                    env=dict(os.environ, **env, PYTHONPATH=src), cwd=src, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, text=True)
                 peak = 0
                 while proc.poll() is None:

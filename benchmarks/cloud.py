@@ -8,7 +8,8 @@ a local run of the same data, for one or more source trees, in alternating round
 
 Each dataset directory (e.g. made by `benchmarks/make_bench_dataset.py`) is uploaded once; every
 run gets a fresh server-side copy of it under its own prefix. A run is `beam-downsample` started
-from a variant's source tree (PYTHONPATH=SRC, this interpreter) with STORAGE_EMULATOR_HOST
+from a variant's source tree (PYTHONPATH=SRC, this interpreter, run in SRC: `python -c` puts the
+working directory before PYTHONPATH) with STORAGE_EMULATOR_HOST
 pointing at the counting proxy of `gcs_requests.py`, which sleeps `delay` ms before forwarding
 each request (an object store's time to first byte). Per round the variants take turns, and so
 do the delays (0 then 40, 40 then 0, ...) and a local run of the same data, so a change of the
@@ -144,7 +145,7 @@ def run_tool(src: str, target: str, args: list, env: dict) -> tuple[float, str, 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(  # pylint: disable=consider-using-with
             [sys.executable, "-c", "from beam_downsample.launch.cli import run; run()", target, *args],
-            env=dict(env, PYTHONPATH=src), stdout=out, stderr=err, text=True)
+            env=dict(env, PYTHONPATH=src), cwd=src, stdout=out, stderr=err, text=True)
         peak = 0
         while proc.poll() is None:
             peak = max(peak, ab.tree_rss(proc.pid))

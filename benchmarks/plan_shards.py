@@ -82,7 +82,7 @@ def dry_run_subprocess(target: str, env: dict, args=(), src: str | None = None) 
     """(wall s, stdout, bytes tensorstore read) of `--dry-run` in a fresh process (source tree `src`)."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", DRIVER, target, "--dry-run", *args], capture_output=True,
-                            text=True, env=dict(env, **({"PYTHONPATH": src} if src else {})), timeout=3600,
+                            text=True, env=dict(env, **({"PYTHONPATH": src} if src else {})), cwd=src, timeout=3600,
                             check=False)
     wall = time.perf_counter() - started
     if result.returncode != 0:
