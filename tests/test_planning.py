@@ -14,7 +14,14 @@ from beam_downsample.core.errors import PlanningError
 from beam_downsample.core.grid import Pass, UnitBudget
 from beam_downsample.plan.passes import group_passes
 from beam_downsample.plan.pyramid import default_coarsest_mag, plan_mags
-from beam_downsample.plan.units import plan_units
+from beam_downsample.plan.units import plan_grid
+
+
+def plan_units(*grid_args):
+    """Every unit of the pass (a dense plan), in index order: `plan_grid`'s arguments."""
+    grid = plan_grid(*grid_args)
+    return grid.units(grid.all_indices())
+
 
 M = mags.parse_mag
 ONE = (1, 1, 1)

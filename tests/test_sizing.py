@@ -24,7 +24,7 @@ from beam_downsample.core.mags import factor_between
 from beam_downsample.launch import cli
 from beam_downsample.plan.options import JobOptions
 from beam_downsample.plan.passes import unit_budget
-from beam_downsample.plan.units import plan_units
+from test_planning import plan_units
 from conftest import tree_bytes, tree_digest
 
 MIB, GIB = 1 << 20, 1 << 30

@@ -143,19 +143,6 @@ def plan_grid(
     return grid
 
 
-def plan_units(
-    layer: str,
-    pass_index: int,
-    a_pass: Pass,
-    bbox_mag1: Box,
-    bytes_per_voxel: int,
-    budget: UnitBudget,
-) -> list[WorkUnit]:
-    """Every unit of the pass (a dense plan), in index order; for small layers and tests."""
-    grid = plan_grid(layer, pass_index, a_pass, bbox_mag1, bytes_per_voxel, budget)
-    return grid.units(grid.all_indices())
-
-
 def source_units(config: PassConfig, grid: UnitGrid, refine: bool = True,
                  regions: Sequence[Box] = ()) -> tuple[np.ndarray, Optional[str], bool]:
     """The grid's units whose source box holds stored data, from one listing of the
