@@ -33,6 +33,7 @@ from beam_downsample.core.errors import Error, RunError, UsageError
 from beam_downsample.core.machine import limit_malloc_arenas
 from beam_downsample.kernels import reduce
 from beam_downsample.launch import api, exiting, runners, verify_cli
+from beam_downsample.launch.errors import usage_error
 from beam_downsample.plan import refresh
 from beam_downsample.run import accounting
 from beam_downsample.run.job import UnitFailed
@@ -111,11 +112,6 @@ gs://bucket/path (Application Default Credentials; STORAGE_EMULATOR_HOST for an 
 """
 
 
-def _fail(message: str) -> int:
-    print(f"beam-downsample: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _flag_value(name: str):
     return FLAGS[name].value
 
@@ -154,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FLAGS.unparse_flags()
         rest = FLAGS(argv, known_only=True)
     except flags.Error as error:
-        return _fail(str(error).splitlines()[0])
+        return usage_error(str(error).splitlines()[0])
     try:
         _refuse_repeated()
         target_candidates, beam_flags = runners.split_beam_flags(rest[1:])
@@ -179,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline_options=beam_flags,
         )
     except Error as error:
-        return _fail(str(error))
+        return usage_error(str(error))
     print(job.plan)
     for warning in job.warnings:
         _warn(warning)
@@ -196,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"beam-downsample: error: {error} {RESUME}", file=sys.stderr)
         return 1
     except Error as error:
-        return _fail(str(error))
+        return usage_error(str(error))
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from absl import flags
 
 from beam_downsample.kernels import reduce
+from beam_downsample.launch.errors import usage_error
 from beam_downsample.store import storage
 from beam_downsample.store.properties import DatasetError
 from beam_downsample.verify import DEFAULT_SAMPLE, VerifyUsageError, verify
@@ -60,21 +61,21 @@ def main(argv: Sequence[str]) -> int:
     try:
         rest = values(argv)
     except flags.Error as error:
-        return _fail(str(error).splitlines()[0])
+        return usage_error(str(error).splitlines()[0])
     if len(rest) != 2:
-        return _fail("verify needs one TARGET (the dataset directory or gs://bucket/path); see verify --help"
+        return usage_error("verify needs one TARGET (the dataset directory or gs://bucket/path); see verify --help"
                      if len(rest) < 2 else f"verify takes one TARGET, got {len(rest) - 1}: {' '.join(rest[1:])}")
     preview = values["preview"].value
     problem = _preview_problem(preview)
     if problem:
-        return _fail(problem)
+        return usage_error(problem)
     try:
         with _Progress() as bar:
             result = verify(rest[1], layer_name=values["layer-name"].value, sample=values["sample"].value,
                             seed=values["seed"].value, interpolation=values["interpolation"].value, preview=preview,
                             progress=bar.update)
     except (VerifyUsageError, DatasetError, storage.OutsideTargetError) as error:
-        return _fail(str(error))
+        return usage_error(str(error))
     except KeyboardInterrupt:
         print("beam-downsample: verify interrupted (nothing was written)", file=sys.stderr)
         return 130
@@ -108,11 +109,6 @@ def _preview_problem(path: Optional[str]) -> str:
     if os.path.isdir(path):
         return f"--preview: {path} is a directory"
     return ""
-
-
-def _fail(message: str) -> int:
-    print(f"beam-downsample: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _print_help(values: flags.FlagValues) -> None:
