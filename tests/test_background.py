@@ -14,12 +14,8 @@ import collections
 import contextlib
 import fractions
 import itertools
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -29,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from beam_downsample.kernels import background, compiled, reduce
-from test_reduce import _one_block
+from test_reduce import _one_block, probe_twice
 
 REDUCTIONS = ["mode", "median", "mean", "min", "max"]
 DTYPES = ["uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64"]
@@ -364,9 +360,7 @@ print(json.dumps({"hits": sum(driver.stats.cache_hits.values()), "misses": sum(d
 
 
 def test_compiled_cache_reused_by_next_process_and_only_the_reduction_used_is_compiled(tmp_path):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, check=True,
-                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    runs = probe_twice(_CACHE_PROBE, tmp_path)
     assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
     assert not runs[0]["median_compiled"] and not runs[1]["median_compiled"]

@@ -567,11 +567,16 @@ print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.ca
 """
 
 
+def probe_twice(probe: str, cache_dir) -> list[dict]:
+    """The JSON that `probe` prints, from two fresh processes one after the other on the kernel cache `cache_dir`."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    return [json.loads(subprocess.run([sys.executable, "-c", probe], env=env, check=True,
+                                      capture_output=True, text=True).stdout) for _ in range(2)]
+
+
 def test_compiled_cache_reused_by_next_process(tmp_path):
     """A cold worker compiles and stores; the next process loads instead of compiling."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, check=True,
-                                      capture_output=True, text=True).stdout) for _ in range(2)]
+    runs = probe_twice(_CACHE_PROBE, tmp_path)
     assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0
     assert any(tmp_path.rglob("*.nbi"))
